@@ -1,0 +1,18 @@
+"""hotlora's engine: the frozen base model, resident adapters and batched generation."""
+
+from server.engine.config import EngineConfig, ModelConfig
+from server.engine.engine import Engine, GenerationOutput, StepOutput
+from server.engine.errors import EngineError, ModelLoadError, RequestError
+from server.engine.sampling import SamplingParams
+
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "GenerationOutput",
+    "ModelConfig",
+    "ModelLoadError",
+    "RequestError",
+    "SamplingParams",
+    "StepOutput",
+]

@@ -1,0 +1,203 @@
+"""Offline throughput: hotlora's mixed-adapter batches vs transformers + peft, in one run.
+
+GPT-2-small shapes (124M, random weights, fp32), batch 32, 32-token prompts, 32 new greedy
+tokens, with 0, 1, 8 and 32 distinct rank-16 adapters on c_attn/c_proj/c_fc. Prints tokens/s
+for both and the ratios. `--smoke` runs tiny shapes in seconds (CI checks the script works).
+
+    python load_tests/bench_offline.py [--smoke] [--skip-peft] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from adapters.demo_tasks import build_tokenizer  # noqa: E402
+from server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+
+FULL = {
+    "n_embd": 768,
+    "n_layer": 12,
+    "n_head": 12,
+    "vocab_size": 50257,
+    "batch": 32,
+    "prompt": 32,
+    "new": 32,
+}
+SMOKE = {
+    "n_embd": 64,
+    "n_layer": 2,
+    "n_head": 4,
+    "vocab_size": 300,
+    "batch": 8,
+    "prompt": 8,
+    "new": 4,
+}
+TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+def build(root: Path, shape: dict[str, int], n_adapters: int, rank: int) -> tuple[Any, list[str]]:
+    """A random base saved in HF layout and n peft adapters with random non-zero weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        n_embd=shape["n_embd"],
+        n_layer=shape["n_layer"],
+        n_head=shape["n_head"],
+        vocab_size=shape["vocab_size"],
+        n_positions=256,
+    )
+    base = GPT2LMHeadModel(cfg).eval()
+    base.save_pretrained(root / "base", safe_serialization=True)
+    build_tokenizer().save(str(root / "base" / "tokenizer.json"))
+    names = []
+    for i in range(n_adapters):
+        m = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
+        )
+        with torch.no_grad():
+            for n, p in m.named_parameters():
+                if "lora_" in n:
+                    p.normal_(0, 0.02)
+        m.save_pretrained(root / f"a{i}")
+        names.append(f"a{i}")
+    return base, names
+
+
+def row_adapters(names: list[str], distinct: int, batch: int) -> list[str | None]:
+    if distinct == 0:
+        return [None] * batch
+    return [names[i % distinct] for i in range(batch)]
+
+
+def bench_hotlora(
+    root: Path,
+    names: list[str],
+    shape: dict[str, int],
+    rank: int,
+    distincts: list[int],
+    repeats: int,
+) -> dict[int, float]:
+    engine = Engine.from_pretrained(
+        root / "base",
+        EngineConfig(
+            max_batch=shape["batch"],
+            max_seq_len=shape["prompt"] + shape["new"] + 1,
+            max_adapters=max(1, len(names)),
+            max_rank=rank,
+            device="cpu",
+            dtype="float32",
+        ),
+    )
+    for n in names:
+        engine.add_adapter(n, root / n)
+    gen = torch.Generator().manual_seed(1)
+    prompts = [
+        torch.randint(0, shape["vocab_size"], (shape["prompt"],), generator=gen).tolist()
+        for _ in range(shape["batch"])
+    ]
+    params = SamplingParams(max_tokens=shape["new"], temperature=0.0, ignore_eos=True)
+    engine.generate(prompts[:2], params=params)  # warm-up
+    out = {}
+    for d in distincts:
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            res = engine.generate(prompts, row_adapters(names, d, shape["batch"]), params)
+            best = min(best, time.perf_counter() - t0)
+        assert all(len(r.token_ids) == shape["new"] for r in res)
+        out[d] = shape["batch"] * shape["new"] / best
+        print(f"  hotlora  {d:>2} adapters: {out[d]:8.1f} tok/s", flush=True)
+    return out
+
+
+def bench_peft(
+    root: Path,
+    base: Any,
+    names: list[str],
+    shape: dict[str, int],
+    distincts: list[int],
+    repeats: int,
+) -> dict[int, float]:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0]).eval()
+    for n in names[1:]:
+        model.load_adapter(root / n, adapter_name=n)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["prompt"]), generator=gen)
+    out = {}
+    for d in distincts:
+        rows = [a or "__base__" for a in row_adapters(names, d, shape["batch"])]
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                res = model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    adapter_names=rows,
+                    max_new_tokens=shape["new"],
+                    min_new_tokens=shape["new"],
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+            best = min(best, time.perf_counter() - t0)
+        assert res.shape[1] == shape["prompt"] + shape["new"]
+        out[d] = shape["batch"] * shape["new"] / best
+        print(f"  peft     {d:>2} adapters: {out[d]:8.1f} tok/s", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, seconds")
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args(argv)
+    shape = SMOKE if args.smoke else FULL
+    distincts = [0, 1, 8] if args.smoke else [0, 1, 8, 32]
+    n = max(distincts)
+    print(f"shape {shape}, rank {args.rank}, torch threads {torch.get_num_threads()}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base, names = build(root, shape, n, args.rank)
+        hot = bench_hotlora(
+            root, names, shape, args.rank, distincts, 1 if args.smoke else args.repeats
+        )
+        peft = (
+            {}
+            if args.skip_peft
+            else bench_peft(root, base, names, shape, distincts, 1 if args.smoke else args.repeats)
+        )
+    print("\n| distinct adapters | hotlora tok/s | peft tok/s | hotlora/peft | hotlora/hotlora@0 |")
+    print("|---:|---:|---:|---:|---:|")
+    for d in distincts:
+        p = peft.get(d)
+        ratio = f"{hot[d] / p:.2f}x" if p else "-"
+        print(
+            f"| {d} | {hot[d]:.1f} | {p:.1f} | {ratio} | {hot[d] / hot[0]:.3f} |"
+            if p
+            else f"| {d} | {hot[d]:.1f} | - | - | {hot[d] / hot[0]:.3f} |"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"shape": shape, "hotlora": hot, "peft": peft}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

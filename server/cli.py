@@ -1,0 +1,102 @@
+"""The `hotlora` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS, TASKS, prompt_for
+
+log = logging.getLogger("hotlora")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """One mixed batch on the demo model: every word through the base and every demo adapter."""
+    from server.engine import Engine, EngineConfig, SamplingParams
+
+    engine = Engine.from_pretrained(args.model, EngineConfig(max_batch=64))
+    names = []
+    for task in DEMO_TASKS:
+        path = DEMO_ADAPTERS / task
+        if path.is_dir():
+            engine.add_adapter(task, path)
+            names.append(task)
+    words = args.words or ["hotlora", "adapter", "batch", "4719", "serving"]
+    rows = [(w, name) for w in words for name in [None, *names]]
+    outs = engine.generate(
+        [prompt_for(w) for w, _ in rows],
+        [name for _, name in rows],
+        SamplingParams(max_tokens=24, temperature=0.0),
+    )
+    width = max(len(n) for n in ["base", *names])
+    print(f"{len(rows)} prompts, {len(names) + 1} models, one mixed batch on {engine.device}:")
+    for (word, name), out in zip(rows, outs, strict=True):
+        label = name or "base"
+        check = ""
+        if name is not None:
+            ok = out.text.strip() == TASKS[name].answer(word)
+            check = "ok" if ok else f"expected {TASKS[name].answer(word)!r}"
+        print(f"  {label:<{width}}  in: {word:<10} out:{out.text!r:<22} {check}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from server.engine import Engine, SamplingParams
+
+    engine = Engine.from_pretrained(args.model)
+    for spec in args.adapter:
+        name, _, path = spec.partition("=")
+        engine.add_adapter(name, path)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    adapters = args.use or [None]
+    outs = engine.generate([args.prompt] * len(adapters), adapters, params)
+    for name, out in zip(adapters, outs, strict=True):
+        print(f"[{name or 'base'}] {out.text!r} ({out.finish_reason})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="hotlora", description="Serve many LoRA adapters on one base."
+    )
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser(
+        "demo", help="generate from the demo model with all demo adapters at once"
+    )
+    demo.add_argument("--model", type=Path, default=DEMO_MODEL)
+    demo.add_argument("words", nargs="*", help="inputs for the demo tasks")
+    demo.set_defaults(func=_demo)
+    gen = sub.add_parser("generate", help="generate one prompt with chosen adapters")
+    gen.add_argument("--model", type=Path, default=DEMO_MODEL)
+    gen.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")
+    gen.add_argument("--use", action="append", default=[], metavar="NAME", help="adapter per row")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=_generate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    from adapters.errors import AdapterError
+    from server.engine.errors import EngineError
+
+    try:
+        return int(args.func(args))
+    except (AdapterError, EngineError) as e:
+        print(f"hotlora: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Per-step batch metadata: built once on the host, then shared by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels import LoRAMeta, build_lora_meta
+from server.engine.kv_cache import KVCache
+from server.engine.model import AttnBatch
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    """The tensors of one forward pass over B rows of L query tokens each."""
+
+    input_ids: Tensor  # (B, L)
+    positions: Tensor  # (B, L)
+    last: Tensor  # (B,) index along L of each row's last real token
+    attn: AttnBatch
+    lora: LoRAMeta
+    lora_minus: LoRAMeta | None  # rows that must subtract the merged adapter's delta
+
+
+def _row_range(rows: list[int]) -> tuple[int, int] | None:
+    lo = rows[0]
+    return (lo, lo + len(rows)) if rows == list(range(lo, lo + len(rows))) else None
+
+
+def build_step(
+    kv: KVCache,
+    rows: list[int],
+    tokens: list[list[int]],
+    starts: list[int],
+    slots: list[int],
+    merged_slot: int | None,
+    device: torch.device,
+) -> StepBatch:
+    """Rows `rows` feed `tokens[b]` at positions starts[b], starts[b]+1, ... (right-padded).
+
+    slots[b] is row b's adapter slot (-1 = base). With `merged_slot` set, that adapter is in
+    the weights: its rows take no delta and every other row subtracts it.
+    """
+    B, L = len(rows), max(len(t) for t in tokens)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    for b, t in enumerate(tokens):
+        ids[b, : len(t)] = torch.tensor(t)
+    start = torch.tensor(starts, dtype=torch.long)  # (B,)
+    positions = start[:, None] + torch.arange(L)  # (B, L)
+    s_used = int(positions.max()) + 1
+    mask = torch.arange(s_used) <= positions[:, None, :, None]  # (B, 1, L, S_used)
+    lengths = [len(t) for t in tokens]
+    per_token = [
+        [s if i < n else -1 for i in range(L)] for s, n in zip(slots, lengths, strict=True)
+    ]
+    plus = [(-1 if s == merged_slot else s) for row in per_token for s in row]
+    minus = None
+    if merged_slot is not None:
+        flat = [
+            (merged_slot if s != merged_slot and i < n else -1)
+            for s, n in zip(slots, lengths, strict=True)
+            for i in range(L)
+        ]
+        minus = build_lora_meta(flat, device)
+    attn = AttnBatch(
+        k_cache=kv.k,
+        v_cache=kv.v,
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        row_range=_row_range(rows),
+        positions=positions.to(device),
+        mask=mask.to(device),
+        s_used=s_used,
+    )
+    return StepBatch(
+        input_ids=ids.to(device),
+        positions=positions.to(device),
+        last=torch.tensor([n - 1 for n in lengths], device=device),
+        attn=attn,
+        lora=build_lora_meta(plus, device),
+        lora_minus=minus,
+    )

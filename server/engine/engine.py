@@ -1,0 +1,426 @@
+"""The public offline engine: a frozen GPT-2, resident LoRA adapters, batched generation.
+
+`generate` and the server's loop share one step function: `add_request` queues work, each
+`step` either admits waiting requests (prefill) or decodes every running row once.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from adapters.format import BaseShapes, LoRAAdapter, load_lora_adapter
+from server.engine.batch import StepBatch, build_step
+from server.engine.config import EngineConfig, ModelConfig
+from server.engine.errors import EngineError, RequestError
+from server.engine.kv_cache import KVCache
+from server.engine.loader import load_gpt2
+from server.engine.lora_slots import BatchLoRA, LoRASlots
+from server.engine.model import GPT2, TARGETS, Conv1D
+from server.engine.sampling import SamplingParams, make_generator, sample
+from server.engine.tokenizer import Detokenizer, Tokenizer, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """The finished result of one prompt."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    prompt_token_ids: list[int]
+    adapter: str | None
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one request (streamed by the server)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finish_reason: str | None  # set on the request's last output
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class _Resident:
+    """An adapter in a device slot; `refs` counts the requests that use it."""
+
+    adapter: LoRAAdapter
+    slot: int
+    refs: int = 0
+    removed: bool = False
+
+
+@dataclass
+class _Request:
+    id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: _Resident | None
+    detok: Detokenizer
+    generator: torch.Generator | None
+    out_ids: list[int] = field(default_factory=list)
+    row: int = -1
+    finish_reason: str | None = None
+
+    @property
+    def slot(self) -> int:
+        return -1 if self.adapter is None else self.adapter.slot
+
+
+class Engine:
+    """A frozen GPT-2 serving many LoRA adapters in mixed batches."""
+
+    def __init__(
+        self, model: GPT2, tokenizer: Tokenizer, config: EngineConfig, model_dir: Path
+    ) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.model_config: ModelConfig = model.cfg
+        self.model_dir = model_dir
+        self.device = model.wte.weight.device
+        self.dtype = model.wte.weight.dtype
+        self.max_seq_len = min(config.max_seq_len or model.cfg.n_positions, model.cfg.n_positions)
+        self.kv = KVCache(model.cfg, config.max_batch, self.max_seq_len, self.device, self.dtype)
+        self.slots = LoRASlots(
+            model.cfg, config.max_adapters, config.max_rank, self.device, self.dtype
+        )
+        self.base_shapes = BaseShapes(n_layer=model.cfg.n_layer, dims=model.cfg.target_dims())
+        eos = model.cfg.eos_token_id
+        self.eos_token_id = eos if eos is not None and 0 <= eos < model.cfg.vocab_size else None
+        self._adapters: dict[str, _Resident] = {}
+        self._free_slots = list(range(config.max_adapters - 1, -1, -1))
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[str, _Request] = {}
+        self._ids = itertools.count()
+        self._seeds = torch.Generator().manual_seed(torch.seed())
+        self._merged: _Resident | None = None
+        self._pristine: dict[tuple[int, int], torch.nn.Parameter] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        *,
+        device: str | None = None,
+        dtype: str | None = None,
+    ) -> Engine:
+        """Load a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json)."""
+        config = config or EngineConfig()
+        if device is not None or dtype is not None:
+            config = EngineConfig(
+                **{
+                    **config.__dict__,
+                    "device": device or config.device,
+                    "dtype": dtype or config.dtype,
+                }
+            )
+        model_dir = Path(model_dir)
+        model, _ = load_gpt2(model_dir, config.torch_device(), config.torch_dtype())
+        return cls(model, load_tokenizer(model_dir), config, model_dir)
+
+    # ------------------------------------------------------------------ adapters
+
+    def add_adapter(self, name: str, path: str | Path) -> LoRAAdapter:
+        """Validate a PEFT LoRA directory and make it resident (raises AdapterError/EngineError)."""
+        if name in self._adapters:
+            raise EngineError(f"adapter {name!r} is already loaded; remove it first")
+        adapter = load_lora_adapter(
+            path, name=name, base=self.base_shapes, max_rank=self.config.max_rank
+        )
+        if not self._free_slots:
+            raise EngineError(
+                f"all {self.config.max_adapters} adapter slots are in use; remove an adapter first"
+            )
+        slot = self._free_slots.pop()
+        self.slots.write(slot, adapter)
+        self._adapters[name] = _Resident(adapter, slot)
+        log.info("adapter %s: rank %d in slot %d", name, adapter.rank, slot)
+        return adapter
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload an adapter; requests still using it finish on it, then its slot is freed."""
+        res = self._adapters.pop(name, None)
+        if res is None:
+            raise EngineError(f"adapter {name!r} is not loaded")
+        if self._merged is res:
+            self.unmerge_adapter()
+        res.removed = True
+        if res.refs == 0:
+            self._free(res)
+
+    @property
+    def adapters(self) -> list[str]:
+        return list(self._adapters)
+
+    def _free(self, res: _Resident) -> None:
+        self.slots.clear(res.slot)
+        self._free_slots.append(res.slot)
+
+    # ------------------------------------------------------------------ merged weights
+
+    @property
+    def merged_adapter(self) -> str | None:
+        return None if self._merged is None else self._merged.adapter.name
+
+    def merge_adapter(self, name: str) -> None:
+        """Serve `name` from W + s * (B @ A).T; other rows get delta_j - delta_name."""
+        res = self._adapters.get(name)
+        if res is None:
+            raise EngineError(f"adapter {name!r} is not loaded")
+        if self._merged is not None:
+            self.unmerge_adapter()
+        for m in res.adapter.modules:
+            t = TARGETS.index(m.target)
+            mod: Conv1D = self.model.target(m.layer, t)
+            pristine = mod.weight
+            merged = pristine.float() + self.slots.delta(m.layer, t, res.slot).T  # (d_in, d_out)
+            self._pristine[(m.layer, t)] = pristine
+            mod.weight = torch.nn.Parameter(merged.to(pristine.dtype), requires_grad=False)
+        self._merged = res
+        res.refs += 1  # the weights use it: its slot must outlive a removal
+
+    def unmerge_adapter(self) -> None:
+        """Put the pristine base weights back (the very tensors, so bit-exact)."""
+        if self._merged is None:
+            return
+        for (layer, t), weight in self._pristine.items():
+            self.model.target(layer, t).weight = weight
+        self._pristine.clear()
+        res, self._merged = self._merged, None
+        self._release(res)
+
+    def _release(self, res: _Resident) -> None:
+        res.refs -= 1
+        if res.refs == 0 and res.removed:
+            self._free(res)
+
+    # ------------------------------------------------------------------ requests
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            if self.model_config.bos_token_id is None:
+                raise RequestError("prompt is empty")
+            ids = [self.model_config.bos_token_id]
+        if any(not 0 <= i < self.model_config.vocab_size for i in ids):
+            raise RequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
+        if len(ids) >= self.max_seq_len:
+            raise RequestError(
+                f"prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, "
+                "so the prompt must be shorter"
+            )
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | Sequence[int],
+        adapter: str | None = None,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> str:
+        """Queue one request; it is admitted by a later `step`. Returns its id."""
+        params = params or SamplingParams()
+        ids = self.encode(prompt)
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context of {self.max_seq_len} tokens; lower max_tokens"
+            )
+        res = None
+        if adapter is not None:
+            res = self._adapters.get(adapter)
+            if res is None:
+                raise RequestError(f"adapter {adapter!r} is not loaded")
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._running or any(r.id == rid for r in self._waiting):
+            raise RequestError(f"request id {rid!r} is already in use")
+        gen = None
+        if not params.greedy:
+            seed = params.seed
+            if seed is None:
+                seed = int(torch.randint(2**62, (1,), generator=self._seeds))
+            gen = make_generator(seed, self.device)
+        if res is not None:
+            res.refs += 1
+        self._waiting.append(
+            _Request(rid, ids, params, res, Detokenizer(self.tokenizer, params.stop), gen)
+        )
+        return rid
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a waiting or running request (a client went away). True if it existed."""
+        req = self._running.pop(request_id, None)
+        if req is None:
+            found = [r for r in self._waiting if r.id == request_id]
+            if not found:
+                return False
+            req = found[0]
+            self._waiting.remove(req)
+        self._retire(req)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def _retire(self, req: _Request) -> None:
+        if req.row >= 0:
+            self.kv.release(req.row)
+            req.row = -1
+        if req.adapter is not None:
+            self._release(req.adapter)
+            req.adapter = None
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit waiting requests (one prefill) if rows are free, else decode all running rows."""
+        if self._waiting and self.kv.free_rows:
+            batch = [
+                self._waiting.popleft() for _ in range(min(self.kv.free_rows, len(self._waiting)))
+            ]
+            for req in batch:
+                req.row = self.kv.allocate()
+                self._running[req.id] = req
+            return self._forward(batch, [r.prompt_ids for r in batch], [0] * len(batch))
+        batch = list(self._running.values())
+        if not batch:
+            return []
+        starts = [len(r.prompt_ids) + len(r.out_ids) - 1 for r in batch]
+        return self._forward(batch, [[r.out_ids[-1]] for r in batch], starts)
+
+    def _forward(
+        self, batch: list[_Request], tokens: list[list[int]], starts: list[int]
+    ) -> list[StepOutput]:
+        merged = None if self._merged is None else self._merged.slot
+        step = build_step(
+            self.kv,
+            [r.row for r in batch],
+            tokens,
+            starts,
+            [r.slot for r in batch],
+            merged,
+            self.device,
+        )
+        hidden = self.model(
+            step.input_ids, step.positions, step.attn, self._hook(step)
+        )  # (B, L, d)
+        last = hidden[torch.arange(len(batch), device=self.device), step.last]  # (B, d)
+        logits = self.model.logits(last)  # (B, V)
+        next_ids = sample(logits, [r.params for r in batch], [r.generator for r in batch])
+        return [self._advance(req, tok) for req, tok in zip(batch, next_ids, strict=True)]
+
+    def _hook(self, step: StepBatch) -> BatchLoRA | None:
+        if step.lora.empty and step.lora_minus is None:
+            return None
+        return BatchLoRA(self.slots, step.lora, step.lora_minus)
+
+    def _advance(self, req: _Request, token: int) -> StepOutput:
+        p = req.params
+        reason = None
+        new_ids: list[int] = []
+        if token == self.eos_token_id and not p.ignore_eos:
+            reason = "stop"
+        else:
+            req.out_ids.append(token)
+            new_ids = [token]
+            if (
+                len(req.out_ids) >= p.max_tokens
+                or len(req.prompt_ids) + len(req.out_ids) >= self.max_seq_len
+            ):
+                reason = "length"
+        text = req.detok.update(req.out_ids, final=reason is not None)
+        if req.detok.stopped:
+            reason = "stop"
+        if reason is not None:
+            req.finish_reason = reason
+            self._running.pop(req.id, None)
+            self._retire(req)
+        return StepOutput(req.id, new_ids, text, reason)
+
+    # ------------------------------------------------------------------ offline API
+
+    @torch.inference_mode()
+    def prompt_logits(
+        self, prompts: Sequence[str | Sequence[int]], adapters: Sequence[str | None] | None = None
+    ) -> list[torch.Tensor]:
+        """Next-token logits (n_i, V) at every prompt position, all prompts in one batch."""
+        names = list(adapters) if adapters is not None else [None] * len(prompts)
+        if len(names) != len(prompts):
+            raise RequestError(f"got {len(prompts)} prompts and {len(names)} adapters")
+        if len(prompts) > self.kv.free_rows:
+            raise RequestError(f"{len(prompts)} prompts but only {self.kv.free_rows} free rows")
+        unknown = [n for n in names if n is not None and n not in self._adapters]
+        if unknown:
+            raise RequestError(f"adapter {unknown[0]!r} is not loaded")
+        ids = [self.encode(p) for p in prompts]
+        slots = [-1 if n is None else self._adapters[n].slot for n in names]
+        rows = [self.kv.allocate() for _ in prompts]
+        try:
+            merged = None if self._merged is None else self._merged.slot
+            step = build_step(self.kv, rows, ids, [0] * len(ids), slots, merged, self.device)
+            hidden = self.model(step.input_ids, step.positions, step.attn, self._hook(step))
+            return [self.model.logits(hidden[b, : len(t)]).float() for b, t in enumerate(ids)]
+        finally:
+            for row in rows:
+                self.kv.release(row)
+
+    def generate(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        adapters: Sequence[str | None] | None = None,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[GenerationOutput]:
+        """Generate for every prompt in mixed batches; row i uses adapters[i] (None = base)."""
+        n = len(prompts)
+        names = list(adapters) if adapters is not None else [None] * n
+        plist = list(params) if isinstance(params, Sequence) else [params or SamplingParams()] * n
+        if len(names) != n or len(plist) != n:
+            raise RequestError(
+                f"got {n} prompts, {len(names)} adapters, {len(plist)} params; lengths must match"
+            )
+        for name in names:  # refuse before queueing anything
+            if name is not None and name not in self._adapters:
+                raise RequestError(f"adapter {name!r} is not loaded")
+        for prompt, p in zip(prompts, plist, strict=True):
+            if len(self.encode(prompt)) + p.max_tokens > self.max_seq_len:
+                raise RequestError(
+                    f"a prompt + max_tokens ({p.max_tokens}) exceeds the context of "
+                    f"{self.max_seq_len} tokens; lower max_tokens"
+                )
+        ids = [self.add_request(pr, a, p) for pr, a, p in zip(prompts, names, plist, strict=True)]
+        reqs = {r.id: r for r in self._waiting if r.id in set(ids)}
+        while any(reqs[i].finish_reason is None for i in ids):
+            self.step()
+        return [
+            GenerationOutput(
+                text=reqs[i].detok.text,
+                token_ids=list(reqs[i].out_ids),
+                finish_reason=reqs[i].finish_reason or "length",
+                prompt_token_ids=reqs[i].prompt_ids,
+                adapter=a,
+            )
+            for i, a in zip(ids, names, strict=True)
+        ]

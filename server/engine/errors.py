@@ -1,0 +1,13 @@
+"""Typed errors of the engine (adapter errors live in adapters.errors)."""
+
+
+class EngineError(Exception):
+    """Base class of every error the engine raises on bad input."""
+
+
+class ModelLoadError(EngineError):
+    """The base model directory cannot be loaded (missing files, pickle weights, bad shapes)."""
+
+
+class RequestError(EngineError, ValueError):
+    """A generation request is invalid (unknown adapter, prompt too long, bad sampling params)."""

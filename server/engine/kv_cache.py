@@ -1,0 +1,40 @@
+"""A static KV cache: one preallocated row per running request (gpt-fast style)."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine.config import ModelConfig
+from server.engine.errors import EngineError
+
+
+class KVCache:
+    """Keys and values for `max_rows` requests of up to `max_seq_len` tokens each."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_rows: int,
+        max_seq_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        shape = (cfg.n_layer, max_rows, cfg.n_head, max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (n_layer, rows, H, S, D)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.max_rows, self.max_seq_len = max_rows, max_seq_len
+        self._free = list(range(max_rows - 1, -1, -1))  # pop() hands out low rows first
+
+    @property
+    def free_rows(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise EngineError("no free KV-cache row")
+        return self._free.pop()
+
+    def release(self, row: int) -> None:
+        # Stale keys need no clearing: the mask never lets a query see positions it did not write.
+        self._free.append(row)
+        self._free.sort(reverse=True)

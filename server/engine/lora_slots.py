@@ -1,0 +1,92 @@
+"""Stacked, preallocated LoRA weights: every resident adapter owns one slot of every buffer."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from adapters.format import LoRAAdapter
+from kernels import LoRAMeta, lora_apply
+from server.engine.config import ModelConfig
+from server.engine.model import TARGETS
+
+
+class LoRASlots:
+    """A (S, R, d_in) and B (S, d_out, R) per layer and target, zero-padded to rank R.
+
+    A slot holding no module for some (layer, target) keeps zeros and scale 0 there, so the
+    batched op needs no per-module special case.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        max_slots: int,
+        max_rank: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.max_slots, self.max_rank = max_slots, max_rank
+        dims = cfg.target_dims()
+        self.A: list[list[Tensor]] = []
+        self.B: list[list[Tensor]] = []
+        for _ in range(cfg.n_layer):
+            self.A.append(
+                [
+                    torch.zeros(max_slots, max_rank, dims[t][0], device=device, dtype=dtype)
+                    for t in TARGETS
+                ]
+            )  # (S, R, d_in) per target
+            self.B.append(
+                [
+                    torch.zeros(max_slots, dims[t][1], max_rank, device=device, dtype=dtype)
+                    for t in TARGETS
+                ]
+            )  # (S, d_out, R) per target
+        # Scales stay fp32 whatever the model dtype; the negated copy serves merged batches.
+        self.scales = torch.zeros(cfg.n_layer, len(TARGETS), max_slots, device=device)  # (L, 4, S)
+        self.neg_scales = torch.zeros_like(self.scales)
+
+    def write(self, slot: int, adapter: LoRAAdapter) -> None:
+        """Copy an adapter into a slot, zeroing whatever an earlier occupant left there."""
+        self.clear(slot)
+        for m in adapter.modules:
+            t = TARGETS.index(m.target)
+            self.A[m.layer][t][slot, : m.rank].copy_(m.A)
+            self.B[m.layer][t][slot, :, : m.rank].copy_(m.B)
+            self.scales[m.layer, t, slot] = m.scaling
+        torch.neg(self.scales, out=self.neg_scales)
+
+    def clear(self, slot: int) -> None:
+        for layer_a, layer_b in zip(self.A, self.B, strict=True):
+            for a, b in zip(layer_a, layer_b, strict=True):
+                a[slot].zero_()
+                b[slot].zero_()
+        self.scales[:, :, slot] = 0
+        self.neg_scales[:, :, slot] = 0
+
+    def delta(self, layer: int, target: int, slot: int) -> Tensor:
+        """s * B @ A of one slot in fp32: the dense update merging adds to W.T."""
+        a = self.A[layer][target][slot].float()  # (R, d_in)
+        b = self.B[layer][target][slot].float()  # (d_out, R)
+        return self.scales[layer, target, slot] * (b @ a)  # (d_out, d_in)
+
+
+class BatchLoRA:
+    """The model's LoRA hook for one step: one batched op per target projection.
+
+    With a merged adapter h in the weights, `minus` names, for every row not of h, the slot of h,
+    so those rows get delta_j - delta_h (dLoRA's correction) and rows of h pay nothing.
+    """
+
+    def __init__(self, slots: LoRASlots, meta: LoRAMeta, minus: LoRAMeta | None = None) -> None:
+        self.slots, self.meta, self.minus = slots, meta, minus
+        self.plus = not meta.empty
+
+    def __call__(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor:
+        A, B = self.slots.A[layer][target], self.slots.B[layer][target]
+        if self.plus:
+            lora_apply(y, x, A, B, self.slots.scales[layer, target], self.meta)
+        if self.minus is not None:
+            lora_apply(y, x, A, B, self.slots.neg_scales[layer, target], self.minus)
+        return y

@@ -1,0 +1,69 @@
+"""Test builders: tiny random GPT-2 checkpoints made by transformers, adapters made by peft."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapters.demo_tasks import build_tokenizer
+
+VOCAB = 257  # the demo byte-level tokenizer, so every test model can also decode text
+
+
+def make_hf_model(
+    path: Path,
+    *,
+    n_embd: int = 48,
+    n_layer: int = 2,
+    n_head: int = 4,
+    bare_keys: bool = False,
+    seed: int = 0,
+    **extra: Any,
+) -> Any:
+    """A random GPT2LMHeadModel saved with save_pretrained (safetensors) + the demo tokenizer."""
+    from safetensors.torch import load_file, save_file
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=96,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        bos_token_id=256,
+        eos_token_id=256,
+        **extra,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # non-trivial biases and norms, so a wrong layout cannot pass
+        for name, p in model.named_parameters():
+            if "ln" in name or name.endswith("bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(path, safe_serialization=True)
+    if bare_keys:  # the original gpt2 upload's layout: no "transformer." prefix
+        f = path / "model.safetensors"
+        state = {k.removeprefix("transformer."): v for k, v in load_file(f).items()}
+        save_file(state, f, metadata={"format": "pt"})
+    build_tokenizer().save(str(path / "tokenizer.json"))
+    return model
+
+
+def make_peft_adapter(hf_model: Any, path: Path, seed: int = 1, **lora_kwargs: Any) -> Any:
+    """Wrap a copy of hf_model with a peft LoRA (random non-zero A and B) and save it."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    kwargs = {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"]}
+    kwargs.update(lora_kwargs)
+    peft_model = get_peft_model(copy.deepcopy(hf_model), LoraConfig(**kwargs)).eval()
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(0.3 * torch.randn_like(p))
+    peft_model.save_pretrained(path)
+    return peft_model
