@@ -1,0 +1,338 @@
+"""Load and save PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors).
+
+Everything an adapter file claims is checked against the config and the base model before any
+tensor data is read, so a refused adapter costs a header parse, not a load. Pickle checkpoints
+(adapter_model.bin) are never opened: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import secrets
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import Tensor
+
+from adapters.errors import AdapterError
+from adapters.lora_config import LAYOUTS, TARGETS, LoRAConfig, iter_target_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+
+# PEFT saves without the adapter name; a raw PeftModel.state_dict() dump keeps ".default".
+_KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight")
+_MODULE_RE = re.compile(r"(?P<prefix>transformer\.)?h\.(?P<layer>0|[1-9]\d*)\.(?P<target>.+)")
+# Training-only state of VeLoRA / MonteCLoRA; eval-mode forward does not read it.
+_TRAINING_STATE_RE = {
+    "velora_config": re.compile(r"base_model\.model\..+\.lora_velora_embed(?:\.default)?"),
+    "monteclora_config": re.compile(r"base_model\.model\..+\.lora_monteclora_sampler\..+"),
+}
+_FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
+_OTHER_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+                 "I32": 4, "U32": 4, "I64": 8, "U64": 8, "C64": 8}
+_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_MAX_CONFIG = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BaseShapes:
+    """What an adapter must fit: layer count and (d_in, d_out) per target."""
+
+    n_layer: int
+    dims: Mapping[str, tuple[int, int]]
+
+    @classmethod
+    def gpt2(cls, n_layer: int, n_embd: int, n_inner: int | None = None) -> BaseShapes:
+        """The shapes of a GPT-2 block stack (n_inner defaults to 4 * n_embd, as in GPT2Config)."""
+        inner = n_inner or 4 * n_embd
+        return cls(n_layer, {
+            "attn.c_attn": (n_embd, 3 * n_embd),
+            "attn.c_proj": (n_embd, n_embd),
+            "mlp.c_fc": (n_embd, inner),
+            "mlp.c_proj": (inner, n_embd),
+        })
+
+
+@dataclass(frozen=True)
+class LoRAModule:
+    """One adapted projection: y += scaling * (x @ A.T) @ B.T."""
+
+    layer: int
+    target: str
+    A: Tensor  # (r, d_in) float32, contiguous
+    B: Tensor  # (d_out, r) float32, contiguous
+    scaling: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+
+@dataclass(frozen=True)
+class LoRAAdapter:
+    name: str
+    config: LoRAConfig
+    modules: tuple[LoRAModule, ...]  # sorted by (layer, target)
+    # Module-name prefix of the file's keys: "transformer." (GPT2LMHeadModel) or "" (bare
+    # GPT2Model). Kept so a saved adapter loads back into the same peft model class.
+    key_prefix: str = "transformer."
+
+    @property
+    def rank(self) -> int:
+        return max((m.rank for m in self.modules), default=0)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.modules for t in (m.A, m.B))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def load_lora_adapter(
+    path: str | os.PathLike[str], *, name: str, base: BaseShapes, max_rank: int
+) -> LoRAAdapter:
+    """Load a PEFT LoRA adapter directory; raise AdapterError for anything hotlora cannot serve."""
+    root = Path(path)
+    if not root.exists():
+        raise AdapterError(name, f"adapter path {str(root)!r} does not exist", "path")
+    if not root.is_dir():
+        raise AdapterError(name, f"adapter path {str(root)!r} is not a directory", "path")
+    config = LoRAConfig.from_dict(_read_config(root / CONFIG_NAME, name), name)
+
+    weights = root / WEIGHTS_NAME
+    if not weights.is_file():
+        if (root / PICKLE_NAME).exists():
+            raise AdapterError(
+                name, f"only {PICKLE_NAME} (a pickle) is present; hotlora loads only "
+                f"safetensors and never unpickles: re-save as {WEIGHTS_NAME}", PICKLE_NAME)
+        raise AdapterError(name, f"{WEIGHTS_NAME} is missing", WEIGHTS_NAME)
+
+    prefix, plan = _plan(_read_header(weights, name), config, name, base, max_rank)
+    tensors = _read_tensors(weights, name, [key for pair in plan.values() for key in pair])
+    modules = []
+    for (layer, target), (a_key, b_key) in sorted(plan.items()):
+        module_name = f"{prefix}h.{layer}.{target}"
+        modules.append(LoRAModule(layer, target, tensors[a_key], tensors[b_key],
+                                  config.scaling_for(module_name)))
+    return LoRAAdapter(name, config, tuple(modules), key_prefix=prefix)
+
+
+def save_lora_adapter(path: str | os.PathLike[str], adapter: LoRAAdapter) -> None:
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout, creating the dir.
+
+    Each file is written to a temporary name and renamed, so a crash or a concurrent load never
+    sees a half-written file.
+    """
+    name, config = adapter.name, adapter.config
+    prefix = _save_layout(adapter)
+    tensors: dict[str, Tensor] = {}
+    for m in adapter.modules:
+        module_name = f"{prefix}h.{m.layer}.{m.target}"
+        r = config.rank_for(module_name)
+        if m.A.dim() != 2 or m.B.dim() != 2 or m.A.shape[0] != r or m.B.shape[1] != r:
+            raise AdapterError(name, f"{module_name}: A {tuple(m.A.shape)} / B "
+                               f"{tuple(m.B.shape)} do not have the config's rank {r}", "modules")
+        expected = config.scaling_for(module_name)
+        # The file stores no scaling: it is re-derived from the config on load.
+        if not math.isclose(m.scaling, expected, rel_tol=1e-9, abs_tol=0.0):
+            raise AdapterError(name, f"{module_name}: scaling {m.scaling} differs from the "
+                               f"config's {expected}", "scaling")
+        key = f"base_model.model.{module_name}"
+        # clone: safetensors refuses tensors that share storage (e.g. views of a packed buffer).
+        a = m.A.detach().to("cpu", torch.float32).clone()  # (r, d_in)
+        b = m.B.detach().to("cpu", torch.float32).clone()  # (d_out, r)
+        tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    _atomic_write(root / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+    # Serialized here and written by Python: safetensors' save_file creates its file 0600.
+    blob = save(tensors, metadata={"format": "pt"})
+    _atomic_write(root / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(blob))
+
+
+def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
+    # A plain unique name rather than mkstemp, whose 0600 mode would survive the rename.
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _save_layout(adapter: LoRAAdapter) -> str:
+    """Check that the config targets every module under the adapter's key layout: PEFT
+    re-derives the module set from the config on load, so anything else would not round-trip."""
+    prefix = adapter.key_prefix
+    if prefix not in LAYOUTS:
+        raise AdapterError(adapter.name, f"must be one of {LAYOUTS}, got {prefix!r}", "key_prefix")
+    for m in adapter.modules:
+        module_name = f"{prefix}h.{m.layer}.{m.target}"
+        if m.target not in TARGETS or not adapter.config.targets(module_name):
+            raise AdapterError(adapter.name, f"the config does not target {module_name!r}",
+                               "target_modules")
+    return prefix
+
+
+def _read_config(path: Path, name: str) -> Any:
+    if not path.is_file():
+        raise AdapterError(name, f"{CONFIG_NAME} is missing", CONFIG_NAME)
+    try:
+        if path.stat().st_size > _MAX_CONFIG:
+            raise AdapterError(name, f"larger than {_MAX_CONFIG} bytes", CONFIG_NAME)
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(name, f"cannot be read as JSON: {e}", CONFIG_NAME) from e
+
+
+def _read_header(path: Path, name: str) -> list[_Entry]:
+    """Parse and sanity-check the safetensors header without touching tensor data."""
+
+    def bad(why: str) -> AdapterError:
+        return AdapterError(name, f"corrupt safetensors file: {why}", WEIGHTS_NAME)
+
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise bad("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > _MAX_HEADER or 8 + n > size:
+                raise bad(f"header length {n} does not fit a {size}-byte file")
+            raw = f.read(n)
+    except OSError as e:
+        raise AdapterError(name, f"cannot be read: {e}", WEIGHTS_NAME) from e
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+
+    data_size = size - 8 - n
+    entries = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+                and isinstance(info.get("shape"), list)
+                and all(isinstance(d, int) and d >= 0 for d in info["shape"])
+                and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and all(isinstance(o, int) for o in info["data_offsets"])):
+            raise bad(f"malformed header entry for {key!r}")
+        dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        itemsize = _FLOAT_DTYPES.get(dtype) or _OTHER_DTYPES.get(dtype)
+        if itemsize is not None and not (
+            0 <= begin <= end <= data_size and end - begin == math.prod(shape) * itemsize
+        ):
+            raise bad(f"data offsets of {key!r} do not match its shape or the file size")
+        entries.append(_Entry(key, dtype, shape))
+    return entries
+
+
+def _plan(
+    entries: list[_Entry], config: LoRAConfig, name: str, base: BaseShapes, max_rank: int
+) -> tuple[str, dict[tuple[int, str], tuple[str, str]]]:
+    """Map every tensor key to (layer, target) and check it against config and base shapes.
+
+    Returns the key layout's module prefix and (layer, target) -> (lora_A key, lora_B key).
+    """
+    skip = [pattern for field, pattern in _TRAINING_STATE_RE.items()
+            if config.raw.get(field) is not None]
+    halves: dict[tuple[int, str], dict[str, _Entry]] = {}
+    prefixes: set[str] = set()
+    for e in entries:
+        if any(p.fullmatch(e.key) for p in skip):
+            continue
+        m = _KEY_RE.fullmatch(e.key)
+        mm = _MODULE_RE.fullmatch(m.group("module")) if m else None
+        if m is None or mm is None:
+            raise AdapterError(name, "tensor key maps to no hotlora module (expected "
+                               "base_model.model.[transformer.]h.{i}.{target}.lora_{A,B}.weight)",
+                               e.key)
+        layer, target, prefix = int(mm.group("layer")), mm.group("target"), mm.group("prefix") or ""
+        module_name = m.group("module")
+        if target not in TARGETS:
+            raise AdapterError(name, f"target {target!r} is not one of {TARGETS}", e.key)
+        if layer >= base.n_layer:
+            raise AdapterError(name, f"layer {layer} is beyond the base's {base.n_layer} layers",
+                               e.key)
+        if not config.targets(module_name):
+            raise AdapterError(name, f"the config does not target {module_name!r}", e.key)
+        prefixes.add(prefix)
+        if len(prefixes) > 1:
+            raise AdapterError(name, "keys mix the transformer.h and bare h layouts", e.key)
+        half = halves.setdefault((layer, target), {})
+        if m.group("ab") in half:
+            raise AdapterError(name, f"duplicate lora_{m.group('ab')} for {module_name!r}", e.key)
+        half[m.group("ab")] = e
+
+    if not halves:
+        raise AdapterError(name, "contains no LoRA tensors", WEIGHTS_NAME)
+    prefix = prefixes.pop()
+    for module_name, layer, target in iter_target_names(prefix, base.n_layer):
+        if config.targets(module_name) and (layer, target) not in halves:
+            raise AdapterError(name, f"the config targets {module_name!r} but the file has no "
+                               "tensors for it (adapter trained for a different base?)",
+                               "target_modules")
+
+    plan: dict[tuple[int, str], tuple[str, str]] = {}
+    for (layer, target), half in halves.items():
+        module_name = f"{prefix}h.{layer}.{target}"
+        if "A" not in half:
+            raise AdapterError(name, "lora_B without its lora_A", half["B"].key)
+        if "B" not in half:
+            raise AdapterError(name, "lora_A without its lora_B", half["A"].key)
+        a, b = half["A"], half["B"]
+        r = config.rank_for(module_name)
+        if r > max_rank:
+            raise AdapterError(name, f"rank {r} exceeds max_rank {max_rank}", a.key)
+        if target not in base.dims:
+            raise AdapterError(name, f"the base has no shape for {target!r}", a.key)
+        d_in, d_out = base.dims[target]
+        for e, want in ((a, (r, d_in)), (b, (d_out, r))):
+            if e.shape != want:
+                raise AdapterError(name, f"shape {e.shape} does not fit; expected {want} "
+                                   f"(rank {r} from the config)", e.key)
+            if e.dtype not in _FLOAT_DTYPES:
+                raise AdapterError(name, f"dtype {e.dtype} is not one of "
+                                   f"{sorted(_FLOAT_DTYPES)}", e.key)
+        plan[(layer, target)] = (a.key, b.key)
+    return prefix, plan
+
+
+def _read_tensors(path: Path, name: str, keys: list[str]) -> dict[str, Tensor]:
+    out = {}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in keys:
+                # A: (r, d_in), B: (d_out, r)
+                out[key] = f.get_tensor(key).to(torch.float32).contiguous()
+    # safetensors raises its own SafetensorError, OSError or RuntimeError depending on what broke.
+    except Exception as e:
+        raise AdapterError(name, f"corrupt safetensors file: {e}", WEIGHTS_NAME) from e
+    for key, t in out.items():
+        # Checked after the float32 cast so float64 values beyond float32's range are caught too.
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(name, "contains NaN or Inf", key)
+    return out
