@@ -22,8 +22,9 @@ log = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--adapters-only", action="store_true")
-    ap.add_argument("--base-steps", type=int, default=1500)
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--base-steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--tasks", nargs="*", default=list(DEMO_TASKS), choices=list(DEMO_TASKS))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -33,7 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.tasks:
         t0 = time.perf_counter()
-        acc = train_lora(DEMO_MODEL, TASKS[name], DEMO_ADAPTERS / name, steps=args.steps)
+        acc = train_lora(
+            DEMO_MODEL,
+            TASKS[name],
+            DEMO_ADAPTERS / name,
+            rank=args.rank,
+            alpha=2.0 * args.rank,
+            steps=args.steps,
+        )
         rows.append((name, accuracy(DEMO_MODEL, None, TASKS[name]), acc, time.perf_counter() - t0))
     log.info("| task | base alone | with adapter | train time |")
     log.info("|---|---|---|---|")

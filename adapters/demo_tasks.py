@@ -55,6 +55,19 @@ def _word(rng: random.Random) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
 
 
+def _any(rng: random.Random) -> str:
+    """Lowercase, uppercase, digit or mixed strings: the base must know every character."""
+    alphabet = rng.choice(
+        [
+            "abcdefghijklmnopqrstuvwxyz",
+            "ABCDEFGHIJKLMNOPQRSTUVWXYZ",
+            "0123456789",
+            "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ,.!",
+        ]
+    )
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(3, 9))).strip() or "a"
+
+
 def _digits(rng: random.Random) -> str:
     return "".join(rng.choice("0123456789") for _ in range(rng.randint(4, 7)))
 
@@ -72,7 +85,7 @@ class Task:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("copy", _word, lambda w: w, "repeat the word (what the base model learns)"),
+        Task("copy", _any, lambda w: w, "repeat the input (what the base model learns)"),
         Task("reverse", _word, lambda w: w[::-1], "reverse the word"),
         Task("upper", _word, str.upper, "uppercase the word"),
         Task("sort", _digits, lambda d: "".join(sorted(d)), "sort the digits ascending"),

@@ -30,19 +30,21 @@ class LoRASlots:
         dims = cfg.target_dims()
         self.A: list[list[Tensor]] = []
         self.B: list[list[Tensor]] = []
+        # Stored rank-minor and used through transposed views: the CPU path's many-slot decode
+        # then reads each slot's weights in place instead of copying them (bench_kernels.py).
         for _ in range(cfg.n_layer):
             self.A.append(
                 [
-                    torch.zeros(max_slots, max_rank, dims[t][0], device=device, dtype=dtype)
+                    torch.zeros(max_slots, dims[t][0], max_rank, device=device, dtype=dtype).mT
                     for t in TARGETS
                 ]
-            )  # (S, R, d_in) per target
+            )  # (S, R, d_in) views
             self.B.append(
                 [
-                    torch.zeros(max_slots, dims[t][1], max_rank, device=device, dtype=dtype)
+                    torch.zeros(max_slots, max_rank, dims[t][1], device=device, dtype=dtype).mT
                     for t in TARGETS
                 ]
-            )  # (S, d_out, R) per target
+            )  # (S, d_out, R) views
         # Scales stay fp32 whatever the model dtype; the negated copy serves merged batches.
         self.scales = torch.zeros(cfg.n_layer, len(TARGETS), max_slots, device=device)  # (L, 4, S)
         self.neg_scales = torch.zeros_like(self.scales)

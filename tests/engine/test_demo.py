@@ -1,0 +1,82 @@
+"""The shipped demo assets: each adapter solves its task, the base alone does not, in one batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS, TASKS, heldout
+from server.engine import Engine, EngineConfig, SamplingParams
+
+N = 50  # held-out prompts per task
+
+
+def test_demo_adapters_reach_accuracy_inside_one_mixed_batch() -> None:
+    rows: list[tuple[str, str | None, str]] = []  # (prompt, adapter, expected)
+    for name in DEMO_TASKS:
+        for prompt, want in heldout(TASKS[name], N):
+            rows += [(prompt, name, want), (prompt, None, want)]
+    engine = Engine.from_pretrained(DEMO_MODEL, EngineConfig(max_batch=len(rows), max_rank=16))
+    for name in DEMO_TASKS:
+        engine.add_adapter(name, DEMO_ADAPTERS / name)
+    outs = engine.generate(
+        [p for p, _, _ in rows],
+        [a for _, a, _ in rows],
+        SamplingParams(max_tokens=24, temperature=0.0),
+    )
+    solved: dict[tuple[str, bool], int] = {}
+    for i, ((_, adapter, want), out) in enumerate(zip(rows, outs, strict=True)):
+        name = DEMO_TASKS[i // (2 * N)]
+        key = (name, adapter is not None)
+        solved[key] = solved.get(key, 0) + (out.text.strip() == want)
+    for name in DEMO_TASKS:
+        assert solved[(name, True)] / N >= 0.9, f"{name} adapter: {solved[(name, True)]}/{N}"
+        assert solved[(name, False)] / N <= 0.1, (
+            f"base alone solves {name}: {solved[(name, False)]}/{N}"
+        )
+
+
+def test_train_script_writes_an_adapter_peft_loads(tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from adapters.train import main
+
+    out = tmp_path / "upper"
+    main(
+        [
+            "--base",
+            str(DEMO_MODEL),
+            "--task",
+            "upper",
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--rank",
+            "2",
+        ]
+    )
+    hf = GPT2LMHeadModel.from_pretrained(DEMO_MODEL).eval()
+    peft_model = PeftModel.from_pretrained(hf, out).eval()
+    engine = Engine.from_pretrained(
+        DEMO_MODEL, EngineConfig(max_batch=2, max_adapters=1, max_rank=2)
+    )
+    engine.add_adapter("upper", out)
+    ids = engine.encode("in: abc\nout:")
+    with torch.no_grad():
+        want = peft_model(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(
+        engine.prompt_logits([ids], ["upper"])[0], want, rtol=1e-4, atol=1e-4
+    )
+
+
+def test_cli_demo_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
+    from server.cli import main
+
+    assert main(["demo", "hello", "2718"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 2 * (1 + len(DEMO_TASKS))
+    assert sum(line.rstrip().endswith(" ok") for line in lines) >= 2 * len(DEMO_TASKS) - 1
