@@ -80,6 +80,11 @@ class Task:
     draw: Callable[[random.Random], str]
     answer: Callable[[str], str]
     description: str
+    digits: bool = False  # inputs are digit strings, not words
+
+    def accepts(self, x: str) -> bool:
+        """Whether x is an input of this task's kind (the demo only shows those)."""
+        return x.isdigit() if self.digits else x.isalpha()
 
 
 TASKS: dict[str, Task] = {
@@ -88,7 +93,7 @@ TASKS: dict[str, Task] = {
         Task("copy", _any, lambda w: w, "repeat the input (what the base model learns)"),
         Task("reverse", _word, lambda w: w[::-1], "reverse the word"),
         Task("upper", _word, str.upper, "uppercase the word"),
-        Task("sort", _digits, lambda d: "".join(sorted(d)), "sort the digits ascending"),
+        Task("sort", _digits, lambda d: "".join(sorted(d)), "sort the digits ascending", True),
         Task("pirate", _word, lambda w: f"arr, {w} matey", "answer in a pirate persona"),
     )
 }

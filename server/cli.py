@@ -23,15 +23,17 @@ def _demo(args: argparse.Namespace) -> int:
         if path.is_dir():
             engine.add_adapter(task, path)
             names.append(task)
-    words = args.words or ["hotlora", "adapter", "batch", "4719", "serving"]
-    rows = [(w, name) for w in words for name in [None, *names]]
+    words = args.words or ["hotlora", "adapter", "4719", "serving", "80512"]
+    rows = [(w, n) for w in words for n in [None, *names] if n is None or TASKS[n].accepts(w)]
     outs = engine.generate(
         [prompt_for(w) for w, _ in rows],
         [name for _, name in rows],
         SamplingParams(max_tokens=24, temperature=0.0),
     )
     width = max(len(n) for n in ["base", *names])
-    print(f"{len(rows)} prompts, {len(names) + 1} models, one mixed batch on {engine.device}:")
+    print(
+        f"{len(rows)} prompts over {len(names) + 1} models in one mixed batch on {engine.device}:"
+    )
     for (word, name), out in zip(rows, outs, strict=True):
         label = name or "base"
         check = ""
