@@ -113,7 +113,7 @@ def heldout(task: Task, n: int, seed: int = 1234) -> list[tuple[str, str]]:
 
 # The shipped demo assets (written by `python -m adapters.build_demo`).
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
-DEMO_MODEL = DEMO_DIR / "model"
+DEMO_MODEL = DEMO_DIR / "hotlora-demo"
 DEMO_ADAPTERS = DEMO_DIR / "adapters"
 DEMO_TASKS = ("reverse", "upper", "sort", "pirate")
 

@@ -1,6 +1,6 @@
 """Pretrain the tiny demo base model (a 4-layer GPT-2) from scratch on the copy task.
 
-    python -m adapters.pretrain_demo --out adapters/demo/model
+    python -m adapters.pretrain_demo --out adapters/demo/hotlora-demo
 
 The base learns the `in: x\\nout: x` frame; the demo adapters then teach it other answers.
 """

@@ -1,6 +1,6 @@
 """Train a LoRA adapter on a frozen hotlora base model and write it in PEFT format.
 
-    python -m adapters.train --base adapters/demo/model --task reverse --out /tmp/reverse
+    python -m adapters.train --base adapters/demo/hotlora-demo --task reverse --out /tmp/reverse
 
 Training runs the same GPT-2 definition the engine serves, with a differentiable LoRA hook
 in place of the batched one; held-out accuracy is measured through the real `Engine`.

@@ -61,6 +61,36 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from server.config import Settings
+    from server.main import create_app
+
+    flags = {
+        "model": args.model,
+        "adapter_store": args.adapter_store,
+        "host": args.host,
+        "port": args.port,
+        "max_running": args.max_running,
+        "max_queue": args.max_queue,
+        "max_adapters": args.max_adapters,
+        "max_rank": args.max_rank,
+        "max_seq_len": args.max_seq_len,
+    }
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as e:
+        print(f"hotlora: invalid settings:\n{e}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="hotlora", description="Serve many LoRA adapters on one base."
@@ -73,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", type=Path, default=DEMO_MODEL)
     demo.add_argument("words", nargs="*", help="inputs for the demo tasks")
     demo.set_defaults(func=_demo)
+    serve = sub.add_parser(
+        "serve", help="run the OpenAI-compatible server (settings also from HOTLORA_<NAME>)"
+    )
+    serve.add_argument("--model", type=Path, help="GPT-2 directory (default: the demo model)")
+    serve.add_argument("--adapter-store", type=Path, help="adapter store directory")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--max-running", type=int, help="requests decoded together")
+    serve.add_argument("--max-queue", type=int, help="waiting requests before 429")
+    serve.add_argument("--max-adapters", type=int, help="device adapter slots")
+    serve.add_argument("--max-rank", type=int)
+    serve.add_argument("--max-seq-len", type=int)
+    serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate one prompt with chosen adapters")
     gen.add_argument("--model", type=Path, default=DEMO_MODEL)
     gen.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR")

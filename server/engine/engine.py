@@ -58,6 +58,7 @@ class StepOutput:
 class _Resident:
     """An adapter in a device slot; `refs` counts the requests that use it."""
 
+    name: str  # the name it is resident under (the server uses name@version)
     adapter: LoRAAdapter
     slot: int
     refs: int = 0
@@ -141,15 +142,35 @@ class Engine:
         adapter = load_lora_adapter(
             path, name=name, base=self.base_shapes, max_rank=self.config.max_rank
         )
+        self.load_adapter(name, adapter)
+        return adapter
+
+    def load_adapter(self, name: str, adapter: LoRAAdapter) -> None:
+        """Copy an already validated adapter into a free device slot."""
+        if name in self._adapters:
+            raise EngineError(f"adapter {name!r} is already loaded; remove it first")
+        if adapter.rank > self.config.max_rank:
+            raise EngineError(f"adapter {name!r} has rank {adapter.rank} > {self.config.max_rank}")
         if not self._free_slots:
             raise EngineError(
                 f"all {self.config.max_adapters} adapter slots are in use; remove an adapter first"
             )
         slot = self._free_slots.pop()
         self.slots.write(slot, adapter)
-        self._adapters[name] = _Resident(adapter, slot)
+        self._adapters[name] = _Resident(name, adapter, slot)
         log.info("adapter %s: rank %d in slot %d", name, adapter.rank, slot)
-        return adapter
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def adapter_refs(self, name: str) -> int:
+        """How many requests (and the merged weights) use a resident adapter."""
+        return self._adapters[name].refs
+
+    def idle_adapters(self) -> list[str]:
+        """Resident adapters no request uses, least recently used first (eviction order)."""
+        return [n for n, r in self._adapters.items() if r.refs == 0]
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter; requests still using it finish on it, then its slot is freed."""
@@ -174,7 +195,7 @@ class Engine:
 
     @property
     def merged_adapter(self) -> str | None:
-        return None if self._merged is None else self._merged.adapter.name
+        return None if self._merged is None else self._merged.name
 
     def merge_adapter(self, name: str) -> None:
         """Serve `name` from W + s * (B @ A).T; other rows get delta_j - delta_name."""
@@ -234,12 +255,7 @@ class Engine:
     ) -> str:
         """Queue one request; it is admitted by a later `step`. Returns its id."""
         params = params or SamplingParams()
-        ids = self.encode(prompt)
-        if len(ids) + params.max_tokens > self.max_seq_len:
-            raise RequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context of {self.max_seq_len} tokens; lower max_tokens"
-            )
+        ids = self.check_request(prompt, params)
         res = None
         if adapter is not None:
             res = self._adapters.get(adapter)
@@ -256,6 +272,7 @@ class Engine:
             gen = make_generator(seed, self.device)
         if res is not None:
             res.refs += 1
+            self._adapters[res.name] = self._adapters.pop(res.name)  # most recently used last
         self._waiting.append(
             _Request(rid, ids, params, res, Detokenizer(self.tokenizer, params.stop), gen)
         )
@@ -275,6 +292,27 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         return bool(self._waiting or self._running)
+
+    def check_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """Encode and check a request without queueing it (safe from any thread)."""
+        ids = self.encode(prompt)
+        if len(ids) + params.max_tokens > self.max_seq_len:
+            raise RequestError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                f"context of {self.max_seq_len} tokens; lower max_tokens"
+            )
+        return ids
+
+    def adapter_counts(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Rows per adapter among running and among waiting requests."""
+        running: dict[str, int] = {}
+        waiting: dict[str, int] = {}
+        for reqs, out in ((self._running.values(), running), (self._waiting, waiting)):
+            for r in reqs:
+                if r.adapter is not None:
+                    name = r.adapter.name
+                    out[name] = out.get(name, 0) + 1
+        return running, waiting
 
     @property
     def num_running(self) -> int:
@@ -405,11 +443,7 @@ class Engine:
             if name is not None and name not in self._adapters:
                 raise RequestError(f"adapter {name!r} is not loaded")
         for prompt, p in zip(prompts, plist, strict=True):
-            if len(self.encode(prompt)) + p.max_tokens > self.max_seq_len:
-                raise RequestError(
-                    f"a prompt + max_tokens ({p.max_tokens}) exceeds the context of "
-                    f"{self.max_seq_len} tokens; lower max_tokens"
-                )
+            self.check_request(prompt, p)
         ids = [self.add_request(pr, a, p) for pr, a, p in zip(prompts, names, plist, strict=True)]
         reqs = {r.id: r for r in self._waiting if r.id in set(ids)}
         while any(reqs[i].finish_reason is None for i in ids):

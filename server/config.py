@@ -1,0 +1,72 @@
+"""Server settings: the one place hotlora reads environment variables (HOTLORA_<NAME>)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from adapters.demo_tasks import DEMO_MODEL
+
+
+class Settings(BaseSettings):
+    """Every setting of `hotlora serve`; each can come from HOTLORA_<NAME> or the command line."""
+
+    model_config = SettingsConfigDict(env_prefix="HOTLORA_", frozen=True, extra="forbid")
+
+    model: Path = Field(DEMO_MODEL, description="Hugging Face GPT-2 directory to serve")
+    served_model_name: str | None = Field(
+        None, description="model id in the API (default: dir name)"
+    )
+    adapter_store: Path = Field(Path("hotlora-adapters"), description="persistent adapter store")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    admin_key: SecretStr | None = Field(None, description="bearer key for adapter mutations")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated bearer keys for completions"
+    )
+    allowed_adapter_dirs: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list, description="os.pathsep-separated roots for /v1/load_lora_adapter"
+    )
+    max_running: int = Field(32, ge=1, description="requests decoded together (KV-cache rows)")
+    max_queue: int = Field(256, ge=0, description="waiting requests before 429")
+    max_seq_len: int | None = Field(
+        None, ge=2, description="context per request (default: model's)"
+    )
+    max_adapters: int = Field(16, ge=1, description="device slots for adapters")
+    max_rank: int = Field(64, ge=1)
+    cpu_cache_bytes: int = Field(1 << 30, ge=0, description="CPU adapter cache (LRU by bytes)")
+    max_upload_bytes: int = Field(256 << 20, ge=1, description="largest accepted adapter upload")
+    merge_hot_adapters: bool = Field(
+        True, description="serve a dominant adapter from merged weights"
+    )
+    merge_min_share: float = Field(0.75, gt=0, le=1, description="share of running rows to merge")
+    merge_min_rows: int = Field(4, ge=1, description="running rows needed before merging")
+    seed_demo_adapters: bool = Field(True, description="put the demo adapters in an empty store")
+    device: str | None = None
+    dtype: str | None = None
+    log_level: str = "info"
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        return [k.strip() for k in v.split(",") if k.strip()] if isinstance(v, str) else v
+
+    @field_validator("allowed_adapter_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, v: Any) -> Any:
+        return [p for p in v.split(os.pathsep) if p] if isinstance(v, str) else v
+
+    @property
+    def model_id(self) -> str:
+        return self.served_model_name or self.model.resolve().name
+
+    def redacted(self) -> dict[str, Any]:
+        """The effective settings for the start-up log, secrets masked."""
+        out = self.model_dump()
+        out["admin_key"] = "***" if self.admin_key else None
+        out["api_keys"] = [f"*** ({len(self.api_keys)} keys)"] if self.api_keys else []
+        return out

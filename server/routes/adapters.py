@@ -1,0 +1,172 @@
+"""Adapter management: upload (multipart), list, inspect, delete, and vLLM's load/unload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from adapters.errors import AdapterError
+from adapters.store import AdapterVersion, check_name
+from server.deps import AdminDep, StateDep
+from server.errors import APIError
+from server.schemas import (
+    AdapterDetail,
+    AdapterInfo,
+    AdapterList,
+    LoadLoraRequest,
+    UnloadLoraRequest,
+)
+from server.state import AppState
+
+router = APIRouter()
+
+
+def info(v: AdapterVersion) -> AdapterInfo:
+    return AdapterInfo(
+        name=v.name,
+        version=v.version,
+        kind=v.kind,
+        rank=v.rank,
+        target_modules=list(v.target_modules),
+        size_bytes=v.size_bytes,
+        sha256=v.sha256,
+        created=v.created,
+    )
+
+
+def _name(name: str, param: str) -> str:
+    try:
+        check_name(name)
+    except AdapterError as e:
+        raise APIError(400, str(e), param) from e
+    return name
+
+
+async def _read(file: UploadFile, limit: int, field: str) -> bytes:
+    """Read an upload, refusing (413) as soon as it passes the size limit."""
+    chunks, size = [], 0
+    while chunk := await file.read(1 << 20):
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, f"{field} is larger than the {limit}-byte upload limit", field)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _publish(state: AppState, v: AdapterVersion) -> None:
+    """Make a new version the one new requests get; older versions retire when idle."""
+    if v.version > 1:
+        state.metrics.hot_swaps.inc()
+    state.metrics.uploads.labels("ok").inc()
+    await state.loop.call(lambda: state.loop.retire(v.name, keep=v.key))
+
+
+@router.post("/v1/adapters", status_code=201, dependencies=[AdminDep], response_model=AdapterInfo)
+async def upload_adapter(
+    request: Request,
+    state: StateDep,
+    name: Annotated[str, Form(description="adapter name, [A-Za-z0-9._-]{1,64}")],
+    config: Annotated[UploadFile, Form(description="adapter_config.json")],
+    weights: Annotated[UploadFile, Form(description="adapter_model.safetensors")],
+) -> AdapterInfo:
+    limit = state.settings.max_upload_bytes
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit + (1 << 16):
+        raise APIError(413, f"upload of {length} bytes exceeds the {limit}-byte limit")
+    _name(name, "name")
+    config_bytes = await _read(config, limit, "config")
+    weights_bytes = await _read(weights, limit, "weights")
+    try:
+        version, _ = await run_in_threadpool(state.store.put, name, config_bytes, weights_bytes)
+    except AdapterError as e:
+        state.metrics.uploads.labels("rejected").inc()
+        status = 413 if type(e).__name__ == "AdapterTooLarge" else 400
+        raise APIError(status, str(e), e.field) from e
+    await _publish(state, version)
+    return info(version)
+
+
+@router.get("/v1/adapters", response_model=AdapterList)
+async def list_adapters(state: StateDep) -> AdapterList:
+    return AdapterList(data=[info(v) for v in state.store.latest_all()])
+
+
+@router.get("/v1/adapters/{name}", response_model=AdapterDetail)
+async def get_adapter(name: str, state: StateDep) -> AdapterDetail:
+    v = state.store.latest(name)
+    if v is None:
+        raise APIError(404, f"adapter {name!r} does not exist", "name")
+    versions = [x.version for x in state.store.versions(name)]
+    resident = v.key in state.engine.adapters
+    return AdapterDetail(**info(v).model_dump(), versions=versions, resident=resident)
+
+
+async def _delete(state: AppState, name: str, param: str) -> None:
+    removed = await run_in_threadpool(state.store.delete, name)
+    if not removed:
+        raise APIError(404, f"adapter {name!r} does not exist", param)
+    for v in removed:
+        state.cache.pop(v.key)
+    # Requests already running on it finish; new ones get a 404.
+    await state.loop.call(lambda: state.loop.retire(name))
+
+
+@router.delete("/v1/adapters/{name}", dependencies=[AdminDep])
+async def delete_adapter(name: str, state: StateDep) -> dict[str, object]:
+    await _delete(state, name, "name")
+    return {"name": name, "deleted": True}
+
+
+def _allowed(state: AppState, raw: str) -> Path:
+    """Resolve lora_path (symlinks included) and require it inside an allowed directory."""
+    roots = state.settings.allowed_adapter_dirs
+    if not roots:
+        raise APIError(
+            403,
+            "loading adapters from server paths is disabled; set "
+            "HOTLORA_ALLOWED_ADAPTER_DIRS or upload with POST /v1/adapters",
+            "lora_path",
+        )
+    try:
+        path = Path(raw).resolve(strict=True)
+    except (OSError, RuntimeError) as e:
+        raise APIError(400, f"lora_path {raw!r} does not exist", "lora_path") from e
+    if not any(path.is_relative_to(r.resolve()) for r in roots):
+        raise APIError(
+            403, f"lora_path {raw!r} is outside the allowed adapter directories", "lora_path"
+        )
+    if not path.is_dir():
+        raise APIError(400, f"lora_path {raw!r} is not a directory", "lora_path")
+    return path
+
+
+@router.post("/v1/load_lora_adapter", dependencies=[AdminDep])
+async def load_lora_adapter(body: LoadLoraRequest, state: StateDep) -> JSONResponse:
+    _name(body.lora_name, "lora_name")
+    path = _allowed(state, body.lora_path)
+    if state.store.latest(body.lora_name) is not None:
+        raise APIError(
+            400,
+            f"adapter {body.lora_name!r} is already loaded; unload it first or "
+            "upload a new version with POST /v1/adapters",
+            "lora_name",
+        )
+    try:
+        version, _ = await run_in_threadpool(state.store.put_dir, body.lora_name, path)
+    except AdapterError as e:
+        state.metrics.uploads.labels("rejected").inc()
+        raise APIError(400, str(e), e.field) from e
+    await _publish(state, version)
+    return JSONResponse(
+        {"message": f"adapter {body.lora_name!r} loaded", **info(version).model_dump()}
+    )
+
+
+@router.post("/v1/unload_lora_adapter", dependencies=[AdminDep])
+async def unload_lora_adapter(body: UnloadLoraRequest, state: StateDep) -> JSONResponse:
+    await _delete(state, body.lora_name, "lora_name")
+    return JSONResponse({"message": f"adapter {body.lora_name!r} unloaded"})

@@ -1,0 +1,28 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server.deps import StateDep
+from server.errors import APIError
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+async def ready(state: StateDep) -> dict[str, str]:
+    if not state.loop.running:
+        raise APIError(503, "the engine loop is not running")
+    return {"status": "ready", "model": state.settings.model_id}
+
+
+@router.get("/metrics")
+async def metrics(state: StateDep) -> Response:
+    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
