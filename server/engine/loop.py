@@ -90,7 +90,10 @@ class EngineLoop:
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="hotlora-adapter-load")
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self._n_waiting = 0  # pending + engine-waiting, read by the asyncio side for 429s
+        # Requests accepted but not yet given a row: bounded by max_queue (429 beyond). Both
+        # threads change it, so it has its own lock.
+        self._n_waiting = 0
+        self._waiting_lock = threading.Lock()
         self.running = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,9 +121,10 @@ class EngineLoop:
         request_id: str,
     ) -> Stream:
         """Queue a request (already checked); raises QueueFull when the queue is at its bound."""
-        if self._n_waiting >= self.config.max_queue:
-            raise QueueFull(f"{self._n_waiting} requests are already waiting")
-        self._n_waiting += 1
+        with self._waiting_lock:
+            if self._n_waiting >= self.config.max_queue:
+                raise QueueFull(f"{self._n_waiting} requests are already waiting")
+            self._n_waiting += 1
         stream = Stream(
             request_id, time.perf_counter(), asyncio.Queue(), asyncio.get_running_loop()
         )
@@ -183,16 +187,20 @@ class EngineLoop:
             except queue.Empty:
                 return
 
+    def _left_queue(self) -> None:
+        with self._waiting_lock:
+            self._n_waiting -= 1
+
     def _abort(self, request_id: str) -> None:
         for p in self._pending:
             if p.stream.request_id == request_id:
                 self._pending.remove(p)
-                self._n_waiting -= 1
+                self._left_queue()
                 return
         if self.engine.abort_request(request_id):
             stream = self._streams.pop(request_id, None)
             if stream is not None and stream.admitted is None:
-                self._n_waiting -= 1
+                self._left_queue()
 
     def _admit(self) -> None:
         """Move pending requests into the engine while rows are free, loading adapters first."""
@@ -209,7 +217,7 @@ class EngineLoop:
             try:
                 self.engine.add_request(p.prompt_ids, key, p.params, request_id=p.stream.request_id)
             except Exception as e:
-                self._n_waiting -= 1
+                self._left_queue()
                 p.stream.put(e)
                 continue
             self._streams[p.stream.request_id] = p.stream
@@ -257,7 +265,7 @@ class EngineLoop:
         keep = []
         for p in self._pending:
             if p.version is not None and p.version.key == key:
-                self._n_waiting -= 1
+                self._left_queue()
                 p.stream.put(error)
             else:
                 keep.append(p)
@@ -274,7 +282,7 @@ class EngineLoop:
                 continue
             if stream.admitted is None:
                 stream.admitted = now
-                self._n_waiting -= 1
+                self._left_queue()
                 self.metrics.queue_time.observe(now - stream.arrival)
             self.metrics.generation_tokens.inc(len(out.new_token_ids))
             if out.finished:
@@ -308,7 +316,8 @@ class EngineLoop:
             self.engine.abort_request(rid)
             stream.put(error)
         self._streams.clear()
-        self._n_waiting = len(self._pending)
+        with self._waiting_lock:
+            self._n_waiting = len(self._pending)
 
     def _update_gauges(self) -> None:
         m, e = self.metrics, self.engine
