@@ -171,37 +171,26 @@ def test_hot_swap_and_delete_while_a_stream_runs(live: LiveServer, client: Any) 
     assert old_text != new_text
     real = _slow_steps(live, 0.01)
     try:
-        stream = client.completions.create(
-            model="swap",
-            prompt=prompt,
-            max_tokens=n,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        it = iter(stream)
+
+        def swap(stream: bool) -> Any:
+            return client.completions.create(
+                model="swap",
+                prompt=prompt,
+                max_tokens=n,
+                temperature=0,
+                stream=stream,
+                extra_body={"ignore_eos": True},
+            )
+
+        it = iter(swap(stream=True))
         got = next(it).choices[0].text
         v2 = _upload(live, "swap", DEMO_ADAPTERS / "upper")
         assert v2["version"] == 2
         assert live.state.engine.num_running >= 1  # the old stream is still decoding
-        fresh = client.completions.create(
-            model="swap",
-            prompt=prompt,
-            max_tokens=n,
-            temperature=0,
-            extra_body={"ignore_eos": True},
-        )
+        fresh = swap(stream=False)
         assert fresh.choices[0].text == new_text  # new requests get the new version at once
         # Delete while another request on the new version runs: it finishes, new ones 404.
-        running = client.completions.create(
-            model="swap",
-            prompt=prompt,
-            max_tokens=n,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        rit = iter(running)
+        rit = iter(swap(stream=True))
         first = next(rit).choices[0].text
         r = httpx.delete(f"{live.url}/v1/adapters/swap", headers={"Authorization": "Bearer admin"})
         assert r.status_code == 200
