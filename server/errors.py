@@ -65,7 +65,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if first.get("type") == "json_invalid":
             return _response(400, f"the request body is not valid JSON: {first.get('ctx', {})}")
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
-        param = ".".join(loc) or None
+        param = loc[0] if loc else None  # the field; deeper parts name union branches
         where = f" (field {param!r})" if param else ""
         return _response(400, f"{first.get('msg', 'invalid request')}{where}", param)
 

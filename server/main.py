@@ -67,10 +67,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("effective settings: %s", settings.redacted())
-        if settings.admin_key is None and not settings.api_keys:
+        if settings.admin_key is None:
             log.warning(
-                "no HOTLORA_ADMIN_KEY or HOTLORA_API_KEYS set: the API is open to anyone "
-                "who can reach %s:%d",
+                "no HOTLORA_ADMIN_KEY: anyone who can reach %s:%d may upload and delete adapters",
+                settings.host,
+                settings.port,
+            )
+        if not settings.api_keys:
+            log.warning(
+                "no HOTLORA_API_KEYS: completions are open to anyone who can reach %s:%d",
                 settings.host,
                 settings.port,
             )

@@ -327,8 +327,12 @@ class EngineLoop:
         m.merged.set(0 if e.merged_adapter is None else 1)
         m.cache_bytes.set(self.cache.bytes_used)
         running, waiting = e.adapter_counts()
-        pending = {p.version.key for p in self._pending if p.version is not None}
-        m.set_lora_info(list(running), sorted(set(waiting) | pending))
+        pending = [p.version.name for p in self._pending if p.version is not None]
+        # Routers match these against the `model` clients send: names, not name@version keys.
+        m.set_lora_info(
+            sorted({k.split("@", 1)[0] for k in running}),
+            sorted({k.split("@", 1)[0] for k in waiting} | set(pending)),
+        )
 
 
 def _set_result(fut: asyncio.Future[Any], value: Any) -> None:

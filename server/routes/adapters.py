@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from adapters.errors import AdapterError
 from adapters.store import AdapterVersion, check_name
-from server.deps import AdminDep, StateDep
+from server.deps import AdminDep, ApiKeyDep, StateDep
 from server.errors import APIError
 from server.schemas import (
     AdapterDetail,
@@ -23,6 +23,8 @@ from server.schemas import (
 from server.state import AppState
 
 router = APIRouter()
+# Files load_lora_adapter may read from a directory; each must stay inside the allowed roots.
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 def info(v: AdapterVersion) -> AdapterInfo:
@@ -38,11 +40,13 @@ def info(v: AdapterVersion) -> AdapterInfo:
     )
 
 
-def _name(name: str, param: str) -> str:
+def _name(state: AppState, name: str, param: str) -> str:
     try:
         check_name(name)
     except AdapterError as e:
         raise APIError(400, str(e), param) from e
+    if name == state.settings.model_id:
+        raise APIError(400, f"{name!r} is the base model's id; choose another adapter name", param)
     return name
 
 
@@ -57,9 +61,9 @@ async def _read(file: UploadFile, limit: int, field: str) -> bytes:
     return b"".join(chunks)
 
 
-async def _publish(state: AppState, v: AdapterVersion) -> None:
+async def _publish(state: AppState, v: AdapterVersion, replaced: bool) -> None:
     """Make a new version the one new requests get; older versions retire when idle."""
-    if v.version > 1:
+    if replaced:
         state.metrics.hot_swaps.inc()
     state.metrics.uploads.labels("ok").inc()
     await state.loop.call(lambda: state.loop.retire(v.name, keep=v.key))
@@ -77,25 +81,26 @@ async def upload_adapter(
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit + (1 << 16):
         raise APIError(413, f"upload of {length} bytes exceeds the {limit}-byte limit")
-    _name(name, "name")
+    _name(state, name, "name")
     config_bytes = await _read(config, limit, "config")
     weights_bytes = await _read(weights, limit, "weights")
     try:
+        replaced = state.store.latest(name) is not None
         version, _ = await run_in_threadpool(state.store.put, name, config_bytes, weights_bytes)
     except AdapterError as e:
         state.metrics.uploads.labels("rejected").inc()
         status = 413 if type(e).__name__ == "AdapterTooLarge" else 400
         raise APIError(status, str(e), e.field) from e
-    await _publish(state, version)
+    await _publish(state, version, replaced)
     return info(version)
 
 
-@router.get("/v1/adapters", response_model=AdapterList)
+@router.get("/v1/adapters", dependencies=[ApiKeyDep], response_model=AdapterList)
 async def list_adapters(state: StateDep) -> AdapterList:
     return AdapterList(data=[info(v) for v in state.store.latest_all()])
 
 
-@router.get("/v1/adapters/{name}", response_model=AdapterDetail)
+@router.get("/v1/adapters/{name}", dependencies=[ApiKeyDep], response_model=AdapterDetail)
 async def get_adapter(name: str, state: StateDep) -> AdapterDetail:
     v = state.store.latest(name)
     if v is None:
@@ -131,22 +136,34 @@ def _allowed(state: AppState, raw: str) -> Path:
             "HOTLORA_ALLOWED_ADAPTER_DIRS or upload with POST /v1/adapters",
             "lora_path",
         )
-    try:
-        path = Path(raw).resolve(strict=True)
-    except (OSError, RuntimeError) as e:
-        raise APIError(400, f"lora_path {raw!r} does not exist", "lora_path") from e
-    if not any(path.is_relative_to(r.resolve()) for r in roots):
-        raise APIError(
-            403, f"lora_path {raw!r} is outside the allowed adapter directories", "lora_path"
-        )
+    inside = [r.resolve() for r in roots]
+
+    def check(p: Path) -> Path:
+        # Containment first, on the symlink-resolved path, so a refusal never reveals
+        # whether something outside the allowed directories exists.
+        try:
+            real = p.resolve(strict=False)
+        except (OSError, RuntimeError) as e:
+            raise APIError(400, f"lora_path {raw!r} cannot be resolved", "lora_path") from e
+        if not any(real.is_relative_to(r) for r in inside):
+            raise APIError(
+                403, f"lora_path {raw!r} is outside the allowed adapter directories", "lora_path"
+            )
+        return real
+
+    path = check(Path(raw))
+    if not path.exists():
+        raise APIError(400, f"lora_path {raw!r} does not exist", "lora_path")
     if not path.is_dir():
         raise APIError(400, f"lora_path {raw!r} is not a directory", "lora_path")
+    for name in ADAPTER_FILES:  # the files themselves may be symlinks leading out
+        check(path / name)
     return path
 
 
 @router.post("/v1/load_lora_adapter", dependencies=[AdminDep])
 async def load_lora_adapter(body: LoadLoraRequest, state: StateDep) -> JSONResponse:
-    _name(body.lora_name, "lora_name")
+    _name(state, body.lora_name, "lora_name")
     path = _allowed(state, body.lora_path)
     if state.store.latest(body.lora_name) is not None:
         raise APIError(
@@ -160,7 +177,7 @@ async def load_lora_adapter(body: LoadLoraRequest, state: StateDep) -> JSONRespo
     except AdapterError as e:
         state.metrics.uploads.labels("rejected").inc()
         raise APIError(400, str(e), e.field) from e
-    await _publish(state, version)
+    await _publish(state, version, replaced=False)
     return JSONResponse(
         {"message": f"adapter {body.lora_name!r} loaded", **info(version).model_dump()}
     )

@@ -383,23 +383,11 @@ def test_missing_form_field_is_400(env: Env, missing: str) -> None:
     assert_error(r, 400, param=missing, contains="required")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/routes/adapters.py upload_adapter (and load_lora_adapter) accept an "
-    "adapter named like the base model; completions for that name always hit the base "
-    "(completions._resolve checks model_id first) and /v1/models lists the id twice",
-)
 def test_adapter_named_like_the_base_model_is_refused(env: Env) -> None:
     r = assert_nothing_written(env, lambda: upload(env.client, DEMO, *demo_files("upper")))
     assert r.status_code in (400, 409)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/routes/adapters.py _publish counts every version > 1 as a hot swap, "
-    "but version numbers keep growing after a delete, so re-creating a deleted name is "
-    "counted although no existing adapter was swapped",
-)
 def test_recreating_a_deleted_name_is_not_a_hot_swap(env: Env) -> None:
     upload(env.client, "phoenix", *demo_files("upper"))
     assert env.client.delete("/v1/adapters/phoenix").status_code == 200
@@ -469,23 +457,11 @@ def test_load_with_a_bad_name_is_400(env: Env) -> None:
     assert_error(r, 400, param="lora_name")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/routes/adapters.py _allowed resolves only the directory; "
-    "AdapterStore.put_dir then reads adapter_config.json / adapter_model.safetensors through "
-    "file symlinks, so files outside HOTLORA_ALLOWED_ADAPTER_DIRS are loaded",
-)
 def test_load_refuses_file_symlinks_that_leave_the_allowed_dir(env: Env) -> None:
     r = assert_nothing_written(env, lambda: _load(env, "vl-file-links", env.allowed / "file-links"))
     assert_error(r, 403, param="lora_path")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/routes/adapters.py _allowed checks existence (400) before containment "
-    "(403), so a missing path outside the allowed dirs answers differently from an existing "
-    "one: the endpoint reveals which server paths exist",
-)
 def test_missing_path_outside_the_allowed_dirs_is_403_like_an_existing_one(env: Env) -> None:
     assert_error(_load(env, "vl-probe", env.outside / "up"), 403)
     r = assert_nothing_written(env, lambda: _load(env, "vl-probe", env.outside / "no-such-dir"))

@@ -212,11 +212,6 @@ def test_wrong_field_types_are_400_naming_the_field(
     assert field in err["message"], err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/errors.py _invalid builds param from pydantic's loc, which names the "
-    "union branch ('prompt.str'), not the request field 'prompt'",
-)
 def test_wrong_prompt_type_names_the_prompt_field_as_param(client: TestClient) -> None:
     assert_error(complete(client, DEMO, prompt=42), 400, param="prompt")
 

@@ -183,12 +183,6 @@ def test_lora_requests_info_shows_running_and_waiting_adapters(
     assert {w.split("@")[0] for w in waiting} <= {"reverse", "upper"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: server/engine/loop.py _update_gauges labels hotlora_lora_requests_info with "
-    "the engine's internal keys ('reverse@1'), not the adapter names clients send as `model` "
-    "(vLLM exports LoRA names), so adapter-affinity routers cannot match them",
-)
 def test_lora_requests_info_names_adapters_as_clients_do(
     lora_info_seen: set[tuple[str, str]],
 ) -> None:
