@@ -133,8 +133,11 @@ async def send(
     *,
     temperature: float,
     headers: dict[str, str],
+    stream: bool = True,
 ) -> Result:
     """One streamed completion; every failure mode lands in Result.error."""
+    if not stream:
+        return await send_plain(client, url, spec, t0, temperature=temperature, headers=headers)
     res = Result(spec.index, spec.model, len(spec.prompt_ids), spec.max_tokens)
     payload = {
         "model": spec.model,
@@ -195,6 +198,45 @@ async def send(
     return res
 
 
+async def send_plain(
+    client: Any,
+    url: str,
+    spec: RequestSpec,
+    t0: float,
+    *,
+    temperature: float,
+    headers: dict[str, str],
+) -> Result:
+    """One non-streamed completion (no TTFT, TPOT or ITL: only latency and tokens)."""
+    res = Result(spec.index, spec.model, len(spec.prompt_ids), spec.max_tokens)
+    payload = {
+        "model": spec.model,
+        "prompt": spec.prompt_ids,
+        "max_tokens": spec.max_tokens,
+        "temperature": temperature,
+        "seed": spec.index,
+        "ignore_eos": True,
+    }
+    start = time.perf_counter()
+    res.start = start - t0
+    try:
+        r = await client.post(f"{url}/v1/completions", json=payload, headers=headers)
+        res.status = r.status_code
+        if r.status_code != 200:
+            res.error = f"HTTP {r.status_code}: {r.text[:200]}"
+            return res
+        body = r.json()
+        res.output_tokens = int(body["usage"]["completion_tokens"])
+    except Exception as e:
+        res.error = f"{type(e).__name__}: {e}"[:200]
+        return res
+    res.latency = time.perf_counter() - start
+    res.token_times = [res.start + res.latency] * res.output_tokens
+    if res.output_tokens != spec.max_tokens:
+        res.error = f"got {res.output_tokens} of {spec.max_tokens} tokens"
+    return res
+
+
 async def run_load(
     url: str,
     specs: Sequence[RequestSpec],
@@ -206,6 +248,7 @@ async def run_load(
     max_duration: float = 600.0,
     label: str = "",
     progress: bool = True,
+    stream: bool = True,
 ) -> tuple[list[Result], float]:
     """Send every spec (at its arrival time, at most `concurrency` in flight); results + wall s."""
     import httpx
@@ -225,7 +268,9 @@ async def run_load(
                 await asyncio.sleep(delay)
             async with sem:
                 counts["sent"] += 1
-                res = await send(client, url, spec, t0, temperature=temperature, headers=headers)
+                res = await send(
+                    client, url, spec, t0, temperature=temperature, headers=headers, stream=stream
+                )
             results.append(res)
             counts["done"] += 1
             counts["errors"] += not res.ok
@@ -304,8 +349,15 @@ def summarize_run(results: Sequence[Result]) -> dict[str, Any]:
     }
 
 
+def series_bin(results: Sequence[Result]) -> float:
+    """A bin width giving about 40 bins over the run (0.1 s to 5 s)."""
+    last = max((t for r in results for t in r.token_times), default=1.0)
+    return min(5.0, max(0.1, round(last / 40, 1)))
+
+
 def throughput_series(results: Sequence[Result], bin_s: float = 1.0) -> list[float]:
-    """Output chunks per second over the run, in bins of bin_s seconds."""
+    """Streamed chunks (= output tokens, unless some decode to no text) per second over the
+    run, in bins of bin_s seconds."""
     times = [t for r in results for t in r.token_times]
     if not times:
         return []
@@ -341,6 +393,11 @@ def print_summary(label: str, s: dict[str, Any]) -> None:
             f"  {key[:-3].upper():>5} ms  mean {v['mean']:8.1f}  p50 {v['p50']:8.1f}  "
             f"p90 {v['p90']:8.1f}  p99 {v['p99']:8.1f}"
         )
+    if "server_cpu_s" in s:
+        print(
+            f"  CPU s during the run: server {s['server_cpu_s']:.1f}, "
+            f"load generator {s['client_cpu_s']:.1f} (wall {s['duration_s']:.1f})"
+        )
     if s["errors"]:
         print(f"  errors: {s['error_kinds']}; first: {s['first_errors'][:2]}")
 
@@ -354,6 +411,7 @@ def plot_runs(runs: dict[str, list[Result]], path: Path, title: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for label, results in runs.items():
@@ -364,8 +422,9 @@ def plot_runs(runs: dict[str, list[Result]], path: Path, title: str) -> None:
         ):
             if values:
                 ax.plot(values, [(i + 1) / len(values) for i in range(len(values))], label=label)
-        series = throughput_series(results)
-        axes[2].plot(range(len(series)), series, label=label)
+        width = series_bin(results)
+        series = throughput_series(results, width)
+        axes[2].plot([(i + 0.5) * width for i in range(len(series))], series, label=label)
     axes[0].set(xlabel="TTFT (ms)", ylabel="CDF", title="time to first token", xscale="log")
     axes[1].set(
         xlabel="inter-token latency (ms)", ylabel="CDF", title="inter-token latency", xscale="log"
@@ -374,6 +433,7 @@ def plot_runs(runs: dict[str, list[Result]], path: Path, title: str) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -386,7 +446,9 @@ def plot_sweep(points: dict[str, list[tuple[int, dict[str, Any]]]], path: Path, 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
+    ns_all = sorted({n for pts in points.values() for n, _ in pts})
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for label, pts in points.items():
         ns = [n for n, _ in pts]
@@ -399,6 +461,8 @@ def plot_sweep(points: dict[str, list[tuple[int, dict[str, Any]]]], path: Path, 
     for ax in axes:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xticks(ns_all, [str(n) for n in ns_all])
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
@@ -463,25 +527,52 @@ def delete_adapters(url: str, names: Sequence[str], admin_key: str | None) -> No
 
 
 def server_metrics(url: str) -> dict[str, float]:
-    """A few hotlora counters worth keeping with the result (empty for the baseline)."""
+    """hotlora's counters worth keeping with a result (empty for the baseline, which has none)."""
     import httpx
 
     try:
         r = httpx.get(f"{url}/metrics", timeout=10)
     except httpx.HTTPError:
         return {}
-    if r.status_code != 200:
+    if r.status_code != 200 or "hotlora_" not in r.text:
         return {}
     m = common.parse_metrics(r.text)
     keys = (
         "hotlora_adapter_loads_total",
         "hotlora_adapter_evictions_total",
         "hotlora_adapter_merges_total",
-        "hotlora_adapter_slots_used",
         "hotlora_generation_tokens_total",
     )
     out = {k: common.metric(m, k) for k in keys}
     out.update({k: v for k, v in m.items() if k.startswith("hotlora_adapter_loads_total{")})
+    for phase in ("prefill", "decode"):
+        for stat in ("sum", "count"):
+            key = f'hotlora_batch_size_{stat}{{phase="{phase}"}}'
+            out[key] = m.get(key, 0.0)
+    return out
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """user + system CPU seconds of a process (None = this one), all threads."""
+    import os
+
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def metrics_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What the run added to every counter, and the mean rows per prefill / decode step."""
+    out = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    for phase in ("prefill", "decode"):
+        n = out.get(f'hotlora_batch_size_count{{phase="{phase}"}}', 0.0)
+        if n:
+            out[f"mean_{phase}_batch"] = out[f'hotlora_batch_size_sum{{phase="{phase}"}}'] / n
     return out
 
 
@@ -525,7 +616,12 @@ class Run:
 
 
 def bench_target(
-    url: str, args: argparse.Namespace, system: str, ns: Sequence[int], factory: AdapterFactory
+    url: str,
+    args: argparse.Namespace,
+    system: str,
+    ns: Sequence[int],
+    factory: AdapterFactory,
+    server_pid: int | None = None,
 ) -> tuple[list[Run], dict[str, str]]:
     """Every N of `ns` against one server: upload, warm up, run, summarize."""
     import httpx
@@ -554,22 +650,27 @@ def bench_target(
                 seed=args.seed,
             )
             if args.warmup:
+                # One 2-token request to the base and to each warmed adapter: the baseline loads
+                # every adapter at upload, hotlora on first use; timing starts warm for both.
+                k = n if args.warmup < 0 else min(n, args.warmup)
+                prompt = [alphabet[i % len(alphabet)] for i in range(8)]
                 warm = [
-                    RequestSpec(-1 - i, 0.0, m, s.prompt_ids, 4)
-                    for i, (m, s) in enumerate(zip([base_id, *names], specs, strict=False))
-                    if i < args.warmup
+                    RequestSpec(-1 - i, 0.0, m, prompt, 2)
+                    for i, m in enumerate([base_id, *names[:k]])
                 ]
                 asyncio.run(
                     run_load(
                         url,
                         warm,
-                        concurrency=None,
+                        concurrency=args.concurrency,
                         headers=common.auth(args.api_key),
                         timeout=args.timeout,
                         progress=False,
                     )
                 )
             label = f"{system} N={n} "
+            before = server_metrics(url)
+            cpu0 = cpu_seconds(None), cpu_seconds(server_pid)
             results, _ = asyncio.run(
                 run_load(
                     url,
@@ -581,11 +682,26 @@ def bench_target(
                     max_duration=args.max_duration,
                     label=label,
                     progress=not args.quiet,
+                    stream=not args.no_stream,
                 )
             )
             summary = summarize_run(results)
+            cpu1 = cpu_seconds(None), cpu_seconds(server_pid)
+            # CPU time used during the run: the load generator itself and (launched) the server;
+            # on a 2-core machine the client's share is capacity the server did not get.
+            summary["client_cpu_s"] = cpu1[0] - cpu0[0]
+            if server_pid is not None:
+                summary["server_cpu_s"] = cpu1[1] - cpu0[1]
             print_summary(label.strip(), summary)
-            runs.append(Run(system, n, summary, results, server_metrics(url)))
+            delta = metrics_delta(before, server_metrics(url)) if before else {}
+            if "mean_decode_batch" in delta:
+                print(
+                    f"  server: mean decode batch {delta['mean_decode_batch']:.1f} rows, "
+                    f"adapter loads {delta.get('hotlora_adapter_loads_total', 0):.0f}, "
+                    f"evictions {delta.get('hotlora_adapter_evictions_total', 0):.0f}, "
+                    f"merges {delta.get('hotlora_adapter_merges_total', 0):.0f}"
+                )
+            runs.append(Run(system, n, summary, results, delta))
     finally:
         if uploaded and not args.keep_adapters and args.url:
             delete_adapters(url, uploaded, args.admin_key)
@@ -601,7 +717,7 @@ def launch_args(args: argparse.Namespace, kind: str) -> list[str]:
         "--max-running",
         str(args.max_running),
         "--max-rank",
-        str(max(64, args.rank)),
+        str(args.rank),
     ]
 
 
@@ -622,7 +738,8 @@ def write_outputs(
                 "n_adapters": r.n_adapters,
                 "summary": r.summary,
                 "server_metrics": r.metrics,
-                "throughput_series": throughput_series(r.results),
+                "throughput_series_bin_s": series_bin(r.results),
+                "throughput_series": throughput_series(r.results, series_bin(r.results)),
                 "requests": [
                     {k: v for k, v in asdict(x).items() if k not in ("itl", "token_times")}
                     for x in r.results
@@ -716,6 +833,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=common.DEMO_MODEL,
         help="base model dir (adapter shapes; served model with --launch/--compare)",
     )
+    ap.add_argument(
+        "--random-base",
+        choices=sorted(common.RANDOM_BASES),
+        help="serve a random-weight GPT-2 of this shape (built in a temp dir) instead",
+    )
     ap.add_argument("--num-adapters", "-N", type=int, default=32)
     ap.add_argument("--sweep", action="store_true", help="run every N of --sweep-n")
     ap.add_argument("--sweep-n", default="1,8,32,128", help="comma-separated N for --sweep")
@@ -738,8 +860,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--prompt-len", type=common.parse_range, default=(8, 48), help="LO:HI tokens")
     ap.add_argument("--output-len", type=common.parse_range, default=(16, 64), help="LO:HI tokens")
     ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="non-streamed requests (throughput and E2E only; no TTFT/TPOT/ITL)",
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--warmup", type=int, default=4, help="short requests before timing")
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=-1,
+        help="adapters to touch (one 2-token request each, plus the base) before timing; "
+        "-1 = all N, 0 = no warm-up",
+    )
     ap.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
     ap.add_argument("--max-duration", type=float, default=900.0, help="per run, seconds")
     ap.add_argument("--max-adapters", type=int, default=32, help="launched hotlora's slots")
@@ -763,6 +896,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.url:
         args.url = common.check_loopback(args.url)
     ns = [int(x) for x in args.sweep_n.split(",")] if args.sweep else [args.num_adapters]
+    base_tmp = None
+    if args.random_base:
+        if args.url:
+            ap.error("--random-base needs --launch or --compare (it builds the served model)")
+        base_tmp = tempfile.TemporaryDirectory(prefix="bench-base-")
+        t_build = time.perf_counter()
+        args.model_dir = common.make_random_base(
+            Path(base_tmp.name) / args.random_base, args.random_base
+        )
+        print(f"built a random {args.random_base} base in {time.perf_counter() - t_build:.0f} s")
+    try:
+        return _run(ap, args, ns)
+    finally:
+        if base_tmp is not None:
+            base_tmp.cleanup()
+
+
+def _run(ap: argparse.ArgumentParser, args: argparse.Namespace, ns: list[int]) -> int:
     dims = common.base_dims(args.model_dir)
     if args.prompt_len[1] + args.output_len[1] > dims.n_positions:
         ap.error(
@@ -794,7 +945,7 @@ def main(argv: list[str] | None = None) -> int:
                     kind, args.model_dir, extra_args=launch_args(args, kind)
                 ) as srv:
                     print(f"started {kind} (pid {srv.pid}) at {srv.url}", flush=True)
-                    r, probes[kind] = bench_target(srv.url, args, kind, ns, factory)
+                    r, probes[kind] = bench_target(srv.url, args, kind, ns, factory, srv.pid)
                     runs += r
     finally:
         factory.cleanup()

@@ -245,6 +245,60 @@ def base_model_id(client: Any, url: str, api_key: str | None = None) -> str:
     return str(r.json()["data"][0]["id"])
 
 
+RANDOM_BASES = {
+    "gpt2-small": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 50257},
+    "tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 300},
+}
+
+
+def random_base_tokenizer(vocab_size: int) -> Any:
+    """A byte-level tokenizer with exactly vocab_size ids, every one decodable to text.
+
+    Ids 0-255 are the bytes (as in the demo tokenizer), 256 .. vocab_size-2 are 4-letter
+    strings (never produced by encoding, but a random model samples them and they must decode
+    to text, or a server would stream nothing for them), vocab_size-1 is <|endoftext|>.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from adapters.demo_tasks import EOS, build_tokenizer
+
+    base = build_tokenizer().get_vocab()
+    vocab = {tok: i for tok, i in base.items() if i < 256}
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    for i in range(vocab_size - 257):
+        word = "".join(letters[(i // 26**k) % 26] for k in range(4))
+        vocab[word] = 256 + i
+    vocab[EOS] = vocab_size - 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([EOS])
+    return tok
+
+
+def make_random_base(path: Path, kind: str = "gpt2-small", seed: int = 0) -> Path:
+    """A GPT-2 with random weights in Hugging Face layout (config.json, model.safetensors,
+    tokenizer.json), shaped like `kind` (gpt2-small: 124M parameters, context 1024)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    shape = RANDOM_BASES[kind]
+    torch.manual_seed(seed)
+    vocab = shape["vocab_size"]
+    cfg = GPT2Config(
+        n_layer=shape["n_layer"],
+        n_embd=shape["n_embd"],
+        n_head=shape["n_head"],
+        vocab_size=vocab,
+        n_positions=1024,
+        bos_token_id=vocab - 1,
+        eos_token_id=vocab - 1,
+    )
+    GPT2LMHeadModel(cfg).eval().save_pretrained(path, safe_serialization=True)
+    random_base_tokenizer(vocab).save(str(path / "tokenizer.json"))
+    return path
+
+
 # ---------------------------------------------------------------------------- processes
 
 
@@ -392,6 +446,7 @@ def machine_info() -> dict[str, Any]:
     info: dict[str, Any] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],  # other work on a shared machine
         "python": platform.python_version(),
     }
     try:

@@ -26,7 +26,7 @@ It FAILS (exit 1, each reason printed) on:
   - RSS at the end of the traffic more than --max-rss-growth (5%) above RSS at the end of the
     warm-up (--warmup seconds; the launched server's CPU adapter cache is capped at
     --cpu-cache-bytes so that it reaches its bound during warm-up);
-  - not idle within 20 s after the churn adapters are deleted: hotlora_num_requests_running
+  - not idle within 10 s after the churn adapters are deleted: hotlora_num_requests_running
     and hotlora_num_requests_waiting must be 0 and hotlora_adapter_slots_used <= the number of
     probe adapters (only probe adapters may stay resident);
   - the server process exiting during the run.
@@ -54,6 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 PROBE_WORDS = ("hotlora", "adapter", "kernel")
+IDLE_TIMEOUT = 10.0  # seconds for the server to go idle after the churn adapters are deleted
 DEMO_PROBE_WORDS = {"sort": ("4719", "80512", "99120")}
 
 
@@ -379,7 +380,7 @@ async def soak_main(
                 soak.fail(
                     f"final DELETE {name}: HTTP {r.status_code} (present={name in soak.present})"
                 )
-        idle = await wait_idle(soak, client, 20.0)
+        idle = await wait_idle(soak, client, IDLE_TIMEOUT)
         for name in soak.probes:  # leave a --url server as we found it
             await client.delete(f"{soak.url}/v1/adapters/{name}", headers=headers)
     return {"traffic_s": traffic_s, "end_rss": end_rss, "idle": idle}
@@ -406,6 +407,20 @@ def check_memory(soak: Soak, args: argparse.Namespace, end_rss: int | None) -> d
             f"RSS grew {growth:.1%} after warm-up ({warm_rss / 2**20:.0f} -> "
             f"{end_rss / 2**20:.0f} MiB), limit {args.max_rss_growth:.0%}"
         )
+    return out
+
+
+def tracebacks(log: str) -> list[str]:
+    """Each traceback in a log, with the line that announced it and the exception line."""
+    lines, out, i = log.splitlines(), [], 0
+    while i < len(lines):
+        if lines[i].startswith("Traceback"):
+            j = i + 1
+            while j < len(lines) and (lines[j].startswith((" ", "\t")) or not lines[j].strip()):
+                j += 1
+            out.append("\n".join(lines[max(0, i - 1) : j + 1]))
+            i = j
+        i += 1
     return out
 
 
@@ -440,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="launched server's CPU adapter cache (HOTLORA_CPU_CACHE_BYTES)",
     )
     ap.add_argument("--json", type=Path, help="write the summary here")
+    ap.add_argument("--server-log", type=Path, help="keep the launched server's log here")
     return ap
 
 
@@ -479,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
             env={
                 "HOTLORA_CPU_CACHE_BYTES": str(args.cpu_cache_bytes),
                 "HOTLORA_SEED_DEMO_ADAPTERS": "false",
+                "HOTLORA_LOG_LEVEL": "warning",  # no access log: warnings and errors only
             },
         ).start()
         url, pid = server.url, server.pid
@@ -494,13 +511,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if server is not None:
             code = server.stop()
-            tracebacks = server.log_path.read_text(errors="replace").count("Traceback")
-            result["server_exit"], result["server_log_tracebacks"] = code, tracebacks
-            if tracebacks:
-                print(
-                    f"soak: server log has {tracebacks} tracebacks; last lines:\n"
-                    f"{server.log_tail(40)}"
-                )
+            log = server.log_path.read_text(errors="replace")
+            if args.server_log:
+                args.server_log.write_text(log)
+            blocks = tracebacks(log)
+            result["server_exit"], result["server_log_tracebacks"] = code, len(blocks)
+            for i, block in enumerate(blocks[:3]):
+                print(f"soak: server traceback {i + 1} of {len(blocks)}:\n{block}")
             server.cleanup()
         tmp.cleanup()
 

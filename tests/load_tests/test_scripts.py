@@ -207,6 +207,16 @@ def test_soak_absence_windows() -> None:
     assert s.was_absent("x", 4.0, 5.1) and s.was_absent("x", 10.0, 11.0)
 
 
+def test_soak_extracts_server_tracebacks() -> None:
+    log = (
+        "INFO: ok\nengine step failed\nTraceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\n    g()\nValueError: boom\nINFO: later\n'
+    )
+    (block,) = soak.tracebacks(log)
+    assert block.startswith("engine step failed") and block.endswith("ValueError: boom")
+    assert soak.tracebacks("INFO: nothing\n") == []
+
+
 def test_synthetic_adapter_loads_in_hotlora(tmp_path: Path) -> None:
     from adapters.format import BaseShapes, load_lora_adapter
 
