@@ -33,6 +33,10 @@ class QueueFull(Exception):
     """Too many requests are waiting; the client should retry later."""
 
 
+class AdapterGone(Exception):
+    """The adapter version a request resolved to was deleted before the request could start."""
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     max_queue: int
@@ -53,6 +57,12 @@ class Stream:
 
     def put(self, item: StepOutput | BaseException) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+
+def _deliver(items: list[tuple[Stream, StepOutput]]) -> None:
+    """On the event loop: hand one step's outputs to their streams."""
+    for stream, out in items:
+        stream.queue.put_nowait(out)
 
 
 @dataclass
@@ -203,30 +213,36 @@ class EngineLoop:
                 self._left_queue()
 
     def _admit(self) -> None:
-        """Move pending requests into the engine while rows are free, loading adapters first."""
+        """Move pending requests into the engine, loading adapters first (in the background)."""
         still: list[_Pending] = []
+        failed: dict[str, Exception] = {}
         for p in self._pending:
             key = None if p.version is None else p.version.key
-            if (
-                key is not None
-                and key not in self.engine.adapters
-                and not self._make_resident(p.version)
-            ):
-                still.append(p)
-                continue
+            if p.version is not None and key not in self.engine.adapters:
+                status = failed.get(p.version.key) or self._make_resident(p.version)
+                if isinstance(status, Exception):
+                    failed[p.version.key] = status
+                    self._reject(p, status)
+                    continue
+                if not status:
+                    still.append(p)
+                    continue
             try:
                 self.engine.add_request(p.prompt_ids, key, p.params, request_id=p.stream.request_id)
             except Exception as e:
-                self._left_queue()
-                p.stream.put(e)
+                self._reject(p, e)
                 continue
             self._streams[p.stream.request_id] = p.stream
             self.metrics.prompt_tokens.inc(len(p.prompt_ids))
         self._pending = still
 
-    def _make_resident(self, version: AdapterVersion | None) -> bool:
-        """True once the version sits in a slot; else start or poll its background load."""
-        assert version is not None
+    def _reject(self, p: _Pending, error: Exception) -> None:
+        self._left_queue()
+        p.stream.put(error)
+
+    def _make_resident(self, version: AdapterVersion) -> bool | Exception:
+        """True once the version sits in a slot, False while loading or waiting for a free
+        slot, or the error that makes it impossible (the version was deleted, a bad file)."""
         key = version.key
         load = self._loads.get(key)
         if load is None:
@@ -240,7 +256,7 @@ class EngineLoop:
             self._loads[key] = load
         if not load.future.done():
             return False
-        if self.engine.free_slots == 0:
+        if load.future.exception() is None and self.engine.free_slots == 0:
             idle = self.engine.idle_adapters()
             if not idle:
                 return False  # every slot serves a running request: wait for one to finish
@@ -252,8 +268,10 @@ class EngineLoop:
             self.engine.load_adapter(key, adapter)
         except Exception as e:
             self.metrics.adapter_loads.labels(load.tier, "error").inc()
-            self._fail_version(key, e)
-            return False
+            if self.store.get(version.name, version.version) is None:
+                return AdapterGone(f"adapter {version.name!r} was deleted")
+            log.warning("loading %s failed: %s", key, e)
+            return e
         for evicted in self.cache.put(key, adapter, adapter.size_bytes):
             if evicted != key:
                 self.metrics.evictions.labels("cpu").inc()
@@ -261,21 +279,12 @@ class EngineLoop:
         self.metrics.adapter_load_time.labels(load.tier).observe(time.perf_counter() - load.started)
         return True
 
-    def _fail_version(self, key: str, error: Exception) -> None:
-        keep = []
-        for p in self._pending:
-            if p.version is not None and p.version.key == key:
-                self._left_queue()
-                p.stream.put(error)
-            else:
-                keep.append(p)
-        self._pending = keep
-
     def _step(self) -> None:
         prefill = self.engine.num_waiting > 0 and self.engine.kv.free_rows > 0
         outs = self.engine.step()
         self.metrics.batch_size.labels("prefill" if prefill else "decode").observe(len(outs))
         now = time.perf_counter()
+        ready: list[tuple[Stream, StepOutput]] = []
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -287,7 +296,9 @@ class EngineLoop:
             self.metrics.generation_tokens.inc(len(out.new_token_ids))
             if out.finished:
                 del self._streams[out.request_id]
-            stream.put(out)
+            ready.append((stream, out))
+        if ready:  # one cross-thread wake-up per step, not one per row
+            ready[0][0].loop.call_soon_threadsafe(_deliver, ready)
 
     def _merge_policy(self) -> None:
         """Merge the adapter holding >= merge_min_share of the running rows; unmerge below half."""
@@ -298,6 +309,8 @@ class EngineLoop:
                 engine.unmerge_adapter()
             return
         running, _ = engine.adapter_counts()
+        # Retired versions still serve their last requests but cannot be merged.
+        running = {k: n for k, n in running.items() if k in engine.adapters}
         total = engine.num_running
         if merged is not None and (
             total == 0 or running.get(merged, 0) < 0.5 * cfg.merge_min_share * total

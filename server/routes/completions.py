@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from adapters.store import AdapterVersion
 from server.deps import ApiKeyDep, StateDep
 from server.engine import RequestError, SamplingParams, StepOutput
-from server.engine.loop import QueueFull, Stream
+from server.engine.loop import AdapterGone, QueueFull, Stream
 from server.errors import APIError, error_body
 from server.schemas import CompletionChoice, CompletionRequest, CompletionResponse, Usage
 from server.state import AppState
@@ -84,7 +84,9 @@ class _Tracker:
             self.metrics.requests.labels(out.finish_reason or "stop").inc()
 
 
-async def _outputs(state: AppState, stream: Stream, request: Request) -> AsyncIterator[StepOutput]:
+async def _outputs(
+    state: AppState, stream: Stream, request: Request
+) -> AsyncGenerator[StepOutput, None]:
     """The request's outputs in order; aborts it if the client disconnects or we stop early."""
     tracker = _Tracker(state, stream)
     finished = False
@@ -141,8 +143,15 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     created = int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
+        outputs = [_outputs(state, s, request) for s in streams]
+        try:  # until the first token, failures still get a proper status code
+            first = await anext(outputs[0])
+        except Exception as e:
+            for s in streams:
+                state.loop.abort(s.request_id)
+            raise _failed(e) from e
         return StreamingResponse(
-            _sse(state, request, streams, prompt_lens, request_id, created, body.model, usage),
+            _sse(state, outputs, first, prompt_lens, request_id, created, body.model, usage),
             media_type="text/event-stream",
         )
     choices, completion_tokens = [], 0
@@ -154,7 +163,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
                 completion_tokens += len(out.new_token_ids)
                 reason = out.finish_reason
         except Exception as e:
-            raise APIError(503, f"generation failed: {e}") from e
+            raise _failed(e) from e
         choices.append(CompletionChoice(index=i, text=text, finish_reason=reason))
     usage_obj = Usage(
         prompt_tokens=sum(prompt_lens),
@@ -167,10 +176,16 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     return JSONResponse(resp.model_dump())
 
 
+def _failed(e: Exception) -> APIError:
+    if isinstance(e, AdapterGone):
+        return APIError(404, f"{e}; GET /v1/models lists the adapters", "model")
+    return APIError(503, f"generation failed: {e}")
+
+
 async def _sse(
     state: AppState,
-    request: Request,
-    streams: list[Stream],
+    outputs: list[AsyncGenerator[StepOutput, None]],
+    first: StepOutput,
     prompt_lens: list[int],
     request_id: str,
     created: int,
@@ -184,17 +199,23 @@ async def _sse(
         body = CompletionResponse(id=request_id, created=created, model=model, choices=[c])
         return f"data: {body.model_dump_json(exclude={'usage'})}\n\n"
 
+    async def rows() -> AsyncIterator[tuple[int, StepOutput]]:
+        yield 0, first
+        for i, gen in enumerate(outputs):
+            async for out in gen:
+                yield i, out
+
     try:
-        for i, stream in enumerate(streams):
-            async for out in _outputs(state, stream, request):
-                completion_tokens += len(out.new_token_ids)
-                if out.new_text or out.finished:
-                    yield chunk(i, out.new_text, out.finish_reason)
+        async for i, out in rows():
+            completion_tokens += len(out.new_token_ids)
+            if out.new_text or out.finished:
+                yield chunk(i, out.new_text, out.finish_reason)
     except Exception as e:  # mid-stream: an error event, then [DONE]
-        yield f"data: {json.dumps(error_body(503, f'generation failed: {e}'))}\n\n"
+        err = _failed(e)
+        yield f"data: {json.dumps(error_body(err.status, err.message, err.param))}\n\n"
     finally:
-        for s in streams:
-            state.loop.abort(s.request_id)  # no-op for finished ones
+        for gen in outputs:
+            await gen.aclose()  # aborts whatever has not finished
     if include_usage:
         usage = Usage(
             prompt_tokens=sum(prompt_lens),

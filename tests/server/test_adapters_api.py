@@ -38,7 +38,6 @@ from tests.server.support import (
     metric,
     metric_samples,
     serve,
-    sse_data,
     store_tree,
     upload,
 )
@@ -262,8 +261,8 @@ def test_an_adapter_damaged_on_disk_fails_its_requests_and_nothing_else(env: Env
     weights.write_bytes(bytes(data))
     before = metric(metric_samples(env.client), "hotlora_adapter_loads_total", outcome="error")
     assert_error(complete(env.client, "fragile"), 503, contains=("fragile", "NaN or Inf"))
-    chunks = sse_data(complete(env.client, "fragile", stream=True))
-    assert chunks[-1] == "[DONE]" and json.loads(chunks[0])["error"]["code"] == 503
+    # A stream that fails before its first token still gets a status code, not an SSE body.
+    assert_error(complete(env.client, "fragile", stream=True), 503, contains="NaN or Inf")
     after = metric(metric_samples(env.client), "hotlora_adapter_loads_total", outcome="error")
     assert after == before + 2
     assert greedy_text(env.client, "upper") == EXPECTED["upper"]
@@ -513,3 +512,22 @@ def test_a_restarted_server_lists_and_serves_everything_stored(tmp_path: Path) -
         ids = [m["id"] for m in second.get("/v1/models").json()["data"]]
         assert ids == [DEMO, "keep", "reverse", "sort", "upper", "vl"]
         assert upload(second, "keep", *demo_files("sort")).json()["version"] == 3
+
+
+def test_a_request_whose_adapter_is_deleted_before_it_loads_gets_404(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race the soak found: resolve a version, lose it to a delete, then try to load it."""
+    assert upload(env.client, "vanishing", *demo_files("upper")).status_code == 201
+    state = env.client.app.state.hotlora  # type: ignore[attr-defined]
+    stale = state.store.latest("vanishing")
+    assert env.client.delete("/v1/adapters/vanishing").status_code == 200
+    monkeypatch.setattr(state.store, "latest", lambda name: stale)  # resolved before the delete
+    for stream in (False, True):
+        assert_error(
+            complete(env.client, "vanishing", stream=stream), 404, param="model", contains="deleted"
+        )
+    monkeypatch.undo()
+    waiting = metric(metric_samples(env.client), "hotlora_num_requests_waiting")
+    assert waiting == 0  # the failed requests left the queue exactly once
+    assert greedy_text(env.client, "upper") == EXPECTED["upper"]
