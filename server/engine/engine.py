@@ -325,10 +325,23 @@ class Engine:
     def _retire(self, req: _Request) -> None:
         if req.row >= 0:
             self.kv.release(req.row)
+            self._fill_hole(req.row)
             req.row = -1
         if req.adapter is not None:
             self._release(req.adapter)
             req.adapter = None
+
+    def _fill_hole(self, hole: int) -> None:
+        """Move the highest running row into a freed lower one, keeping rows 0..n-1 in use.
+
+        Contiguous rows let attention read a view of the cache instead of gathering every
+        row at every layer of every step; the price is one copy per finished request.
+        """
+        top = max(self._running.values(), key=lambda r: r.row, default=None)
+        if top is None or top.row < hole:
+            return
+        self.kv.move(top.row, hole, len(top.prompt_ids) + len(top.out_ids))
+        top.row = hole
 
     # ------------------------------------------------------------------ the step
 
@@ -343,7 +356,7 @@ class Engine:
                 req.row = self.kv.allocate()
                 self._running[req.id] = req
             return self._forward(batch, [r.prompt_ids for r in batch], [0] * len(batch))
-        batch = list(self._running.values())
+        batch = sorted(self._running.values(), key=lambda r: r.row)
         if not batch:
             return []
         starts = [len(r.prompt_ids) + len(r.out_ids) - 1 for r in batch]

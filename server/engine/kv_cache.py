@@ -34,6 +34,13 @@ class KVCache:
             raise EngineError("no free KV-cache row")
         return self._free.pop()
 
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src into free row dst; src becomes free."""
+        self._free.remove(dst)
+        self.k[:, dst, :, :length].copy_(self.k[:, src, :, :length])
+        self.v[:, dst, :, :length].copy_(self.v[:, src, :, :length])
+        self.release(src)
+
     def release(self, row: int) -> None:
         # Stale keys need no clearing: the mask never lets a query see positions it did not write.
         self._free.append(row)

@@ -102,3 +102,23 @@ def test_slots_full_and_duplicate_names_are_refused_without_side_effects(
     assert engine.adapters == ["a", "b"]
     with pytest.raises(EngineError, match="not loaded"):
         engine.remove_adapter("c")
+
+
+def test_rows_stay_contiguous_as_requests_finish_and_outputs_equal_solo(
+    setup: tuple[Engine, Path, Any],
+) -> None:
+    engine, adapter, _ = setup
+    engine.add_adapter("a", adapter)
+    lengths = [2, 9, 4, 7, 3, 8]
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8, 9, 10], [11], [12, 13]]
+    names: list[str | None] = ["a", None, "a", None, "a", None]
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for n in lengths]
+    ids = [engine.add_request(p, a, sp) for p, a, sp in zip(prompts, names, params, strict=True)]
+    got: dict[str, list[int]] = {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        rows = sorted(r.row for r in engine._running.values())
+        assert rows == list(range(len(rows)))  # holes are filled at once
+    for rid, p, a, sp in zip(ids, prompts, names, params, strict=True):
+        assert got[rid] == engine.generate([p], [a], sp)[0].token_ids
