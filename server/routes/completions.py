@@ -84,21 +84,33 @@ class _Tracker:
             self.metrics.requests.labels(out.finish_reason or "stop").inc()
 
 
+class _ClientGone:
+    """Queued by the disconnect watcher: the client went away."""
+
+
+async def _watch_disconnect(request: Request, stream: Stream) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    stream.queue.put_nowait(_ClientGone())  # type: ignore[arg-type]
+
+
 async def _outputs(
-    state: AppState, stream: Stream, request: Request
+    state: AppState, stream: Stream, request: Request, watch: bool
 ) -> AsyncGenerator[StepOutput, None]:
-    """The request's outputs in order; aborts it if the client disconnects or we stop early."""
+    """The request's outputs in order; aborts it if the client disconnects or we stop early.
+
+    A streaming response notices a disconnect itself (it cancels us); a plain response has a
+    watcher task listen for it, so waiting for tokens stays a bare queue read.
+    """
     tracker = _Tracker(state, stream)
     finished = False
+    watcher = asyncio.create_task(_watch_disconnect(request, stream)) if watch else None
     try:
         while True:
-            try:
-                item = await asyncio.wait_for(stream.queue.get(), timeout=1.0)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    state.metrics.requests.labels("abort").inc()
-                    return
-                continue
+            item = await stream.queue.get()
+            if isinstance(item, _ClientGone):
+                state.metrics.requests.labels("abort").inc()
+                return
             if isinstance(item, BaseException):
                 state.metrics.requests.labels("error").inc()
                 raise item
@@ -108,6 +120,8 @@ async def _outputs(
                 finished = True
                 return
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if not finished:
             state.loop.abort(stream.request_id)
 
@@ -143,7 +157,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     created = int(time.time())
     if body.stream:
         usage = body.stream_options is not None and body.stream_options.include_usage
-        outputs = [_outputs(state, s, request) for s in streams]
+        outputs = [_outputs(state, s, request, watch=False) for s in streams]
         try:  # until the first token, failures still get a proper status code
             first = await anext(outputs[0])
         except Exception as e:
@@ -158,7 +172,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
     for i, stream in enumerate(streams):
         text, reason = "", None
         try:
-            async for out in _outputs(state, stream, request):
+            async for out in _outputs(state, stream, request, watch=True):
                 text += out.new_text
                 completion_tokens += len(out.new_token_ids)
                 reason = out.finish_reason

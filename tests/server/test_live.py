@@ -208,3 +208,31 @@ def test_hot_swap_and_delete_while_a_stream_runs(live: LiveServer, client: Any) 
     ):
         assert time.monotonic() < deadline, "retired versions must leave their slots"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_that_disconnects_frees_its_row(live: LiveServer, stream: bool) -> None:
+    real = _slow_steps(live, 0.02)  # 100 tokens would take >= 2 s
+    body = {
+        "model": "reverse",
+        "prompt": prompt_for("gone"),
+        "max_tokens": 100,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": stream,
+    }
+    try:
+        with httpx.Client(base_url=live.url, timeout=0.5) as c:
+            if stream:
+                with c.stream("POST", "/v1/completions", json=body) as r:
+                    next(r.iter_lines())  # one chunk, then hang up
+            else:
+                with pytest.raises(httpx.ReadTimeout):
+                    c.post("/v1/completions", json=body)
+        assert live.state.engine.num_running == 1  # still decoding when the client left
+        deadline = time.monotonic() + 1.5  # far less than the remaining ~1.5-2 s of decoding
+        while live.state.engine.num_running:
+            assert time.monotonic() < deadline, "the abandoned request kept its row"
+            time.sleep(0.02)
+    finally:
+        live.state.engine.step = real  # type: ignore[method-assign]
