@@ -1,17 +1,14 @@
-"""GPU checks for a task lent a CUDA card: SGMV kernel bandwidth and the offline engine.
+"""GPU micro-benchmark of the SGMV kernels, for a task lent a CUDA card (gpu_check.sh runs it).
 
-kernels  Triton sgmv_shrink / sgmv_expand (kernels/triton_lora.py) vs the torch path on the
-         same device (kernels.lora's per-slot matmuls, forced through _torch_apply) and a naive
-         gathered bmm, GPT-2-small target shapes, S=64 resident slots, rank 16. Reports us per
-         call, achieved GB/s over the bytes the op must move at least (x, the used A/B slices,
-         y read+write, the fp32 rank buffer), and that as a share of the card's memory
-         bandwidth: the spec value when the card is known, and a measured device copy.
-         Every result is checked against kernels.lora_reference first.
-offline  hotlora's Engine on the GPU (fp16), bench_offline's workload: GPT-2-small shapes with
-         random weights, batch 32, 32-token prompts, 32 new greedy tokens, 0/1/8/32 distinct
-         rank-16 adapters (bench_offline.py itself pins device=cpu, so it is redone here).
+Triton sgmv_shrink / sgmv_expand (kernels/triton_lora.py) vs the torch path on the same device
+(kernels.lora's per-slot matmuls, forced through _torch_apply) and a naive gathered bmm,
+GPT-2-small target shapes, S=64 resident slots, rank 16. Reports us per call, achieved GB/s
+over the bytes the op must move at least (x, the used A/B slices, y read+write, the fp32 rank
+buffer), and that as a share of the card's memory bandwidth: the spec value when the card is
+known, and a measured device copy. Every result is checked against kernels.lora_reference first.
+The offline engine on the GPU is bench_offline.py --device cuda --dtype float16.
 
-    python load_tests/bench_gpu_kernels.py [--only kernels|offline] [--json out.json]
+    python load_tests/bench_gpu_kernels.py [--json out.json]
     python load_tests/bench_gpu_kernels.py --dry-run    # imports and arguments only (any CPU)
     python load_tests/bench_gpu_kernels.py --smoke --device cpu   # tiny shapes, the Triton
         interpreter on CPU (TRITON_INTERPRET=1): checks the code path, the timings mean nothing
@@ -25,7 +22,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -238,103 +234,10 @@ def bench_kernels(device: str, dtype_name: str, smoke: bool, iters: int) -> dict
     return {"device": name, "dtype": dtype_name, "spec_gbps": spec, "copy_gbps": copy, "rows": rows}
 
 
-def bench_offline_gpu(device: str, dtype_name: str, smoke: bool) -> dict[str, Any]:
-    """hotlora's Engine on `device`: bench_offline's workload (GPT-2-small random weights)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from adapters.demo_tasks import build_tokenizer
-    from server.engine import Engine, EngineConfig, SamplingParams
-
-    shape = (
-        {
-            "n_embd": 64,
-            "n_layer": 2,
-            "n_head": 4,
-            "vocab_size": 300,
-            "batch": 8,
-            "prompt": 8,
-            "new": 4,
-        }
-        if smoke
-        else {
-            "n_embd": 768,
-            "n_layer": 12,
-            "n_head": 12,
-            "vocab_size": 50257,
-            "batch": 32,
-            "prompt": 32,
-            "new": 32,
-        }
-    )
-    distincts = [0, 1, 8] if smoke else [0, 1, 8, 32]
-    print(f"\n## Offline engine on {device}, {dtype_name}: {shape}\n")
-    out: dict[str, Any] = {"shape": shape, "tok_s": {}}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        torch.manual_seed(0)
-        cfg = GPT2Config(
-            n_embd=shape["n_embd"],
-            n_layer=shape["n_layer"],
-            n_head=shape["n_head"],
-            vocab_size=shape["vocab_size"],
-            n_positions=256,
-        )
-        GPT2LMHeadModel(cfg).eval().save_pretrained(root / "base", safe_serialization=True)
-        build_tokenizer().save(str(root / "base" / "tokenizer.json"))
-        dims = common.base_dims(root / "base")
-        names = [f"a{i}" for i in range(max(distincts))]
-        for i, n in enumerate(names):
-            common.make_adapter(
-                root / n, dims, rank=16, seed=i, targets=("attn.c_attn", "attn.c_proj", "mlp.c_fc")
-            )
-        engine = Engine.from_pretrained(
-            root / "base",
-            EngineConfig(
-                max_batch=shape["batch"],
-                max_seq_len=shape["prompt"] + shape["new"] + 1,
-                max_adapters=max(1, len(names)),
-                max_rank=16,
-            ),
-            device=device,
-            dtype=dtype_name,
-        )
-        for n in names:
-            engine.add_adapter(n, root / n)
-        gen = torch.Generator().manual_seed(1)
-        prompts = [
-            torch.randint(0, 256, (shape["prompt"],), generator=gen).tolist()
-            for _ in range(shape["batch"])
-        ]
-        params = SamplingParams(max_tokens=shape["new"], temperature=0.0, ignore_eos=True)
-        engine.generate(prompts[:2], params=params)  # warm-up (and Triton compilation)
-        engine.generate(prompts, [names[i % len(names)] for i in range(shape["batch"])], params)
-        print("| distinct adapters | hotlora tok/s | vs 0 adapters |\n|---:|---:|---:|")
-        for d in distincts:
-            rows = (
-                [None] * shape["batch"] if d == 0 else [names[i % d] for i in range(shape["batch"])]
-            )
-            best = float("inf")
-            for _ in range(3):
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                res = engine.generate(prompts, rows, params)
-                best = min(best, time.perf_counter() - t0)
-            assert all(len(r.token_ids) == shape["new"] for r in res)
-            out["tok_s"][d] = shape["batch"] * shape["new"] / best
-            print(
-                f"| {d} | {out['tok_s'][d]:.0f} | {out['tok_s'][d] / out['tok_s'][0]:.3f} |",
-                flush=True,
-            )
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--only", choices=["kernels", "offline"], help="run one section")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     ap.add_argument("--iters", type=int, default=50, help="calls per timed batch")
@@ -354,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.dry_run:
         print(
-            f"bench_gpu_kernels: would run {args.only or 'kernels + offline'} on {args.device} "
+            f"bench_gpu_kernels: would run the kernel benchmark on {args.device} "
             f"({args.dtype}); cuda available: {torch.cuda.is_available()}"
         )
         return 0
@@ -363,11 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results: dict[str, Any] = {"machine": common.machine_info(), "torch": torch.__version__}
     t0 = time.perf_counter()
-    if args.only in (None, "kernels"):
-        results["kernels"] = bench_kernels(args.device, args.dtype, args.smoke, args.iters)
-    if args.only in (None, "offline"):
-        dtype = "float32" if args.device == "cpu" else args.dtype
-        results["offline"] = bench_offline_gpu(args.device, dtype, args.smoke)
+    results["kernels"] = bench_kernels(args.device, args.dtype, args.smoke, args.iters)
     results["seconds"] = time.perf_counter() - t0
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

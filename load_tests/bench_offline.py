@@ -89,6 +89,8 @@ def bench_hotlora(
     rank: int,
     distincts: list[int],
     repeats: int,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[int, float]:
     engine = Engine.from_pretrained(
         root / "base",
@@ -97,8 +99,8 @@ def bench_hotlora(
             max_seq_len=shape["prompt"] + shape["new"] + 1,
             max_adapters=max(1, len(names)),
             max_rank=rank,
-            device="cpu",
-            dtype="float32",
+            device=device,
+            dtype=dtype,
         ),
     )
     for n in names:
@@ -116,6 +118,8 @@ def bench_hotlora(
         for _ in range(repeats):
             t0 = time.perf_counter()
             res = engine.generate(prompts, row_adapters(names, d, shape["batch"]), params)
+            if engine.device.type == "cuda":
+                torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         assert all(len(r.token_ids) == shape["new"] for r in res)
         out[d] = shape["batch"] * shape["new"] / best
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cpu", help="hotlora's device (peft stays on the CPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     args = ap.parse_args(argv)
     shape = SMOKE if args.smoke else FULL
     distincts = [0, 1, 8] if args.smoke else [0, 1, 8, 32]
@@ -177,7 +183,14 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(tmp)
         base, names = build(root, shape, n, args.rank)
         hot = bench_hotlora(
-            root, names, shape, args.rank, distincts, 1 if args.smoke else args.repeats
+            root,
+            names,
+            shape,
+            args.rank,
+            distincts,
+            1 if args.smoke else args.repeats,
+            args.device,
+            args.dtype,
         )
         peft = (
             {}

@@ -4,7 +4,7 @@
 #   2. the gpu-marked tests:            python -m pytest -m gpu tests/kernels
 #   3. the SGMV kernel micro-benchmark: shrink/expand vs the torch path, GB/s and the share of
 #                                       the card's memory bandwidth (bench_gpu_kernels.py)
-#   4. the offline engine on the GPU:   bench_offline's workload, fp16 (bench_gpu_kernels.py)
+#   4. the offline engine on the GPU:   bench_offline.py --device cuda --dtype float16
 #   5. bench_offline.py --smoke         (the script itself pins the CPU; checks it still runs)
 # Each step has its own timeout; a failing step is reported and the others still run; the exit
 # status is non-zero if any step failed. Logs and JSON go to $OUT (default load_tests/results/gpu).
@@ -31,8 +31,8 @@ OUT_DIR=${OUT:-load_tests/results/gpu}
 
 STEPS=(
   "200 pytest_gpu       $PY -m pytest -m gpu tests/kernels -q -p no:cacheprovider"
-  "100 kernels          $PY load_tests/bench_gpu_kernels.py --only kernels --json $OUT_DIR/gpu_kernels.json"
-  "100 offline_gpu      $PY load_tests/bench_gpu_kernels.py --only offline --json $OUT_DIR/offline_gpu.json"
+  "100 kernels          $PY load_tests/bench_gpu_kernels.py --json $OUT_DIR/gpu_kernels.json"
+  "100 offline_gpu      $PY load_tests/bench_offline.py --device cuda --dtype float16 --skip-peft --json $OUT_DIR/offline_gpu.json"
   "60  offline_smoke    $PY load_tests/bench_offline.py --smoke --skip-peft"
 )
 
