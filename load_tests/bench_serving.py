@@ -125,6 +125,18 @@ def build_requests(
 # ---------------------------------------------------------------------------- client
 
 
+def _payload(spec: RequestSpec, temperature: float) -> dict[str, Any]:
+    """The completion request both send paths make: exact output lengths via ignore_eos."""
+    return {
+        "model": spec.model,
+        "prompt": spec.prompt_ids,
+        "max_tokens": spec.max_tokens,
+        "temperature": temperature,
+        "seed": spec.index,
+        "ignore_eos": True,
+    }
+
+
 async def send(
     client: Any,
     url: str,
@@ -140,12 +152,7 @@ async def send(
         return await send_plain(client, url, spec, t0, temperature=temperature, headers=headers)
     res = Result(spec.index, spec.model, len(spec.prompt_ids), spec.max_tokens)
     payload = {
-        "model": spec.model,
-        "prompt": spec.prompt_ids,
-        "max_tokens": spec.max_tokens,
-        "temperature": temperature,
-        "seed": spec.index,
-        "ignore_eos": True,
+        **_payload(spec, temperature),
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -209,14 +216,7 @@ async def send_plain(
 ) -> Result:
     """One non-streamed completion (no TTFT, TPOT or ITL: only latency and tokens)."""
     res = Result(spec.index, spec.model, len(spec.prompt_ids), spec.max_tokens)
-    payload = {
-        "model": spec.model,
-        "prompt": spec.prompt_ids,
-        "max_tokens": spec.max_tokens,
-        "temperature": temperature,
-        "seed": spec.index,
-        "ignore_eos": True,
-    }
+    payload = _payload(spec, temperature)
     start = time.perf_counter()
     res.start = start - t0
     try:
