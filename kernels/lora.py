@@ -162,9 +162,7 @@ def build_lora_meta(token_slots: Tensor | Sequence[int], device: torch.device | 
     max_seg = int(counts.max()) if counts.numel() else 0
     block_m = min(_MAX_BLOCK_M, max(_MIN_BLOCK_M, _next_pow2(max_seg)))
     tiles_per_seg = (counts + block_m - 1) // block_m  # (G,)
-    tile_seg = torch.repeat_interleave(
-        torch.arange(seg_slots.numel()), tiles_per_seg
-    )  # (n_tiles,)
+    tile_seg = torch.repeat_interleave(torch.arange(seg_slots.numel()), tiles_per_seg)  # (n_tiles,)
     first_tile = torch.cumsum(tiles_per_seg, 0) - tiles_per_seg  # (G,)
     tile_local = torch.arange(tile_seg.numel()) - first_tile[tile_seg]  # (n_tiles,)
     tile_starts = seg_starts[tile_seg] + tile_local * block_m  # (n_tiles,)
@@ -246,8 +244,7 @@ def check_lora_args(
         raise TypeError(f"x must be floating point, got {dtype}")
     if y.dtype != dtype or A.dtype != dtype or B.dtype != dtype:
         raise TypeError(
-            f"x, y, A, B must share one dtype, got x {dtype}, y {y.dtype}, "
-            f"A {A.dtype}, B {B.dtype}"
+            f"x, y, A, B must share one dtype, got x {dtype}, y {y.dtype}, A {A.dtype}, B {B.dtype}"
         )
     if scales.dtype != torch.float32:
         raise TypeError(f"scales must be float32, got {scales.dtype}")
@@ -269,9 +266,7 @@ def check_lora_args(
         )
 
 
-def lora_apply(
-    y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta: LoRAMeta
-) -> None:
+def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta: LoRAMeta) -> None:
     """In place: y[t] += scales[k] * B[k] @ (A[k] @ x[t]) for k = token_slots[t] >= 0.
 
     y (T, d_out), x (T, d_in), A (S, R, d_in), B (S, d_out, R), scales (S,) float32.
@@ -310,9 +305,7 @@ def _torch_apply(
         _apply_segments(y, x, A, B, scales, meta)
 
 
-def _apply_runs(
-    y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta: LoRAMeta
-) -> None:
+def _apply_runs(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta: LoRAMeta) -> None:
     """Per run [a, b) of slot k: y[a:b] += s[k] * (x[a:b] A[k]^T) B[k]^T, in place on y's rows."""
     # One host read of all scales (a sync only on the CUDA fp64 fallback); each then rides in
     # addmm's alpha instead of costing a separate scaling op.
@@ -355,32 +348,25 @@ def _apply_gathered(
     and copies nothing. Otherwise the token's slices are gathered (one copy) for a batched GEMV.
     """
     slots = meta.active_slots  # (N,)
-    S, R, d_in = A.shape
-    d_out = B.shape[1]
     xs = x if meta.all_active else x.index_select(0, meta.active_tokens)  # (N, d_in)
-    if _rows_contiguous(A):
-        rows = torch.arange(d_in, device=x.device) + slots.unsqueeze(1) * d_in  # (N, d_in)
-        h = F.embedding_bag(
-            rows, A.transpose(1, 2).reshape(S * d_in, R), mode="sum", per_sample_weights=xs
-        )  # (N, R)
-    else:
-        # Row-vector bmm ((N,1,K) @ (N,K,M)) maps to fast GEMV kernels; the column-vector form
-        # ((N,M,K) @ (N,K,1)) measured ~2x slower on CPU.
-        a_tok = A.index_select(0, slots)  # (N, R, d_in)
-        h = torch.bmm(xs.unsqueeze(1), a_tok.transpose(1, 2)).squeeze(1)  # (N, R)
+    h = _slot_matvec(xs, A, slots)  # (N, R)
     h.mul_(scales.index_select(0, slots).unsqueeze(1))
-    if _rows_contiguous(B):
-        rows = torch.arange(R, device=x.device) + slots.unsqueeze(1) * R  # (N, R)
-        delta = F.embedding_bag(
-            rows, B.transpose(1, 2).reshape(S * R, d_out), mode="sum", per_sample_weights=h
-        )  # (N, d_out)
-    else:
-        b_tok = B.index_select(0, slots)  # (N, d_out, R)
-        if meta.all_active:
-            y.unsqueeze(1).baddbmm_(h.unsqueeze(1), b_tok.transpose(1, 2))
-            return
-        delta = torch.bmm(h.unsqueeze(1), b_tok.transpose(1, 2)).squeeze(1)  # (N, d_out)
+    delta = _slot_matvec(h, B, slots)  # (N, d_out)
     if meta.all_active:
         y.add_(delta)
     else:
         y.index_add_(0, meta.active_tokens, delta)
+
+
+def _slot_matvec(v: Tensor, W: Tensor, slots: Tensor) -> Tensor:
+    """out[n] = W[slots[n]] @ v[n] for v (N, K), W (S, M, K): one call, no loop over tokens."""
+    S, M, K = W.shape
+    if _rows_contiguous(W):
+        rows = torch.arange(K, device=v.device) + slots.unsqueeze(1) * K  # (N, K)
+        return F.embedding_bag(
+            rows, W.transpose(1, 2).reshape(S * K, M), mode="sum", per_sample_weights=v
+        )  # (N, M)
+    # Row-vector bmm ((N,1,K) @ (N,K,M)) maps to fast GEMV kernels; the column-vector form
+    # ((N,M,K) @ (N,K,1)) measured ~2x slower on CPU.
+    w_tok = W.index_select(0, slots)  # (N, M, K)
+    return torch.bmm(v.unsqueeze(1), w_tok.transpose(1, 2)).squeeze(1)  # (N, M)
