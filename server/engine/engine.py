@@ -458,7 +458,8 @@ class Engine:
         for prompt, p in zip(prompts, plist, strict=True):
             self.check_request(prompt, p)
         ids = [self.add_request(pr, a, p) for pr, a, p in zip(prompts, names, plist, strict=True)]
-        reqs = {r.id: r for r in self._waiting if r.id in set(ids)}
+        wanted = set(ids)
+        reqs = {r.id: r for r in self._waiting if r.id in wanted}
         while any(reqs[i].finish_reason is None for i in ids):
             self.step()
         return [
