@@ -1,6 +1,19 @@
-"""Batched multi-adapter LoRA kernels: y[t] += s[k] * B[k] @ (A[k] @ x[t]), k = token_slots[t]."""
+"""Batched multi-adapter kernels: LoRA y[t] += s[k] * B[k] @ (A[k] @ x[t]) and DEU
+y[t] += g[k] * D[k](h[t]), with k = token_slots[t] (-1 = no adapter)."""
 
+from kernels.deu import deu_activation, deu_apply, deu_planes, deu_unit
 from kernels.lora import LoRAMeta, build_lora_meta, lora_apply
-from kernels.reference import lora_reference
+from kernels.reference import deu_reference, deu_unit_reference, lora_reference
 
-__all__ = ["LoRAMeta", "build_lora_meta", "lora_apply", "lora_reference"]
+__all__ = [
+    "LoRAMeta",
+    "build_lora_meta",
+    "deu_activation",
+    "deu_apply",
+    "deu_planes",
+    "deu_reference",
+    "deu_unit",
+    "deu_unit_reference",
+    "lora_apply",
+    "lora_reference",
+]
