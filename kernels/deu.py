@@ -1,0 +1,196 @@
+"""The DEU unit (differential equation unit) and the batched per-slot DEU activation op.
+
+Each neuron's unit y(t), t its pre-activation clipped to [-CLIP, CLIP], solves
+
+    a * y''(t) + b * y'(t) + c * y(t) = H(t)          (H = Heaviside step)
+
+with y(0) = c1 and y'(0) = m * c1 + c2, m = -b / (2a). One branch-free closed form covers the
+over-, critically and under-damped regimes: with q = m^2 - c/a and r = sqrt(|q|),
+
+    C(t) = cosh(r t) if q > 0 else cos(r t)        S(t) = sinh(r t) / r or sin(r t) / r
+    y(t) = e^(m t) (c1 C + c2 S) + H(t) (1 - e^(m t) (C - m S)) / c
+
+(S -> t as r -> 0: for |r t| < S_SERIES_RT, S is its Taylor series in q t^2, whose derivative in
+q is exact; the quotient's d/dr = (t C - S) / r cancels, and r, floored at R_MIN, carries the
+gradient dr/dq = +-1 / (2 r) through the floor.) A DEU adapter adds g * D(h) to GPT-2's GELU.
+
+Safety for every finite input and parameter: a is clamped to [A_MIN, A_MAX], the ratios b/a and
+c/a to [0, BETA_MAX] and [GAMMA_MIN, GAMMA_MAX] (still an exact solution, of the ODE with the
+clamped coefficients), c1, c2 and g to +-PARAM_MAX and the output to +-OUT_MAX. Then
+|m t|, |r t| <= 32, so every intermediate stays below ~1e32 in fp32: no Inf, no NaN, no 0 * Inf.
+
+Serving never recomputes those per-neuron quantities: `deu_planes` turns a parameter set into
+the PLANES a slot stores, and `deu_apply` evaluates each token with its own slot's planes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kernels.lora import LoRAMeta
+
+# Parameter rows of a DEU parameter tensor (6, n): the paper's five and the gain.
+PARAMS = ("a", "b", "c", "c1", "c2", "gain")
+CLIP = 8.0
+A_MIN, A_MAX = 1e-2, 1e2
+BETA_MAX = 8.0  # b/a, so |m| <= 4
+GAMMA_MIN, GAMMA_MAX = 1e-2, 16.0  # c/a, so r <= 4 in the oscillating regime
+PARAM_MAX = 100.0  # |c1|, |c2|, |gain|
+OUT_MAX = 100.0  # |D|, so g * D stays inside fp16's range
+R_MIN = 1e-15  # floor of r: sinh(r t) / r == t to fp32 precision for every |t| <= CLIP
+# |r t| below which S = t * sum_k (q t^2)^k / (2k+1)! (to k = 5: truncation < 1e-16 relative);
+# above it the quotient's gradient loses at most ~3 eps / (r t)^2 = 48 eps to cancellation.
+S_SERIES_RT = 0.25
+
+# Per-neuron planes a serving slot stores, in this order (see deu_planes).
+PLANES = ("m", "r", "inv_r", "hyp", "c1", "c2", "inv_c", "m_inv_c", "gain")
+N_PLANES = len(PLANES)
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Gathering every token's planes costs N_PLANES copies of the activations; per-run broadcasting
+# costs ~15 ops per run. Gather when runs are short (decode), broadcast when long (prefill).
+_GATHER_MAX_TOKENS_PER_RUN = 4
+
+
+def deu_planes(params: Tensor) -> Tensor:
+    """(6, n) parameters [a, b, c, c1, c2, gain] -> (N_PLANES, n) evaluation planes.
+
+    Differentiable in every parameter (training evaluates the unit through this function).
+    """
+    a_raw, b, c_raw, c1, c2, g = params.unbind(0)  # each (n,)
+    a = a_raw.clamp(A_MIN, A_MAX)
+    beta = (b / a).clamp(0.0, BETA_MAX)  # b/a
+    gamma = (c_raw / a).clamp(GAMMA_MIN, GAMMA_MAX)  # c/a
+    m = -0.5 * beta
+    q = m * m - gamma
+    hyp = (q > 0).to(params.dtype)
+    r0 = q.abs().clamp_min(R_MIN * R_MIN).sqrt()
+    # Value r0, gradient dr/dq = +-1 / (2 r0) everywhere: sqrt's own is lost under the floor and
+    # at q == 0 (abs'), where D still depends on q (deu_eval's series carries it as r^2 = +-q).
+    r = r0.detach() + (q - q.detach()) * ((hyp - 0.5) / r0).detach()
+    inv_c = 1.0 / (a * gamma)
+    return torch.stack(
+        [
+            m,
+            r,
+            1.0 / r,
+            hyp,
+            c1.clamp(-PARAM_MAX, PARAM_MAX),
+            c2.clamp(-PARAM_MAX, PARAM_MAX),
+            inv_c,
+            m * inv_c,
+            g.clamp(-PARAM_MAX, PARAM_MAX),
+        ]
+    )  # (N_PLANES, n)
+
+
+def deu_eval(x: Tensor, planes: Tensor) -> Tensor:
+    """D(x) elementwise; planes (N_PLANES, ...) broadcast against x. Computes in planes' dtype."""
+    m, r, inv_r, hyp, c1, c2, inv_c, m_inv_c, _ = planes.unbind(0)
+    t = x.to(planes.dtype).clamp(-CLIP, CLIP)
+    rt = r * t
+    cos, sin = torch.cos(rt), torch.sin(rt)
+    # cosh and sinh from exp, as the Triton kernel must: torch's CPU exp / sin / cos give the
+    # same bits at any batch shape, its cosh / sinh do not (scalar tails), which would break
+    # "a row in a mixed batch == the row alone". |rt| <= 32, and the series below replaces the
+    # difference where it cancels.
+    e_pos, e_neg = torch.exp(rt), torch.exp(-rt)
+    # hyp is exactly 0 or 1, so these select one regime; cosh >= 1 >= |cos| keeps the
+    # blend's rounding relative to the selected value.
+    C = cos + hyp * (0.5 * (e_pos + e_neg) - cos)
+    S = (sin + hyp * (0.5 * (e_pos - e_neg) - sin)) * inv_r
+    # Near r = 0 the quotient's gradient in r cancels catastrophically (and q's reaches it through
+    # 1 / (2 r)); the series in z = +-(r t)^2 = q t^2 has exact derivatives (see S_SERIES_RT).
+    z = (2.0 * hyp - 1.0) * (rt * rt)
+    series = t * (1.0 + z / 6 * (1.0 + z / 20 * (1.0 + z / 42 * (1.0 + z / 72 * (1.0 + z / 110)))))
+    S = torch.where(rt.abs() < S_SERIES_RT, series, S)
+    em = torch.exp(m * t)
+    step = (t > 0).to(t.dtype)
+    # c1 E + c2 F + H (1 - E + m F) / c with E = e^(mt) C, F = e^(mt) S, grouped by E and F.
+    k_c = step * inv_c
+    y = k_c + em * (C * (c1 - k_c) + S * (c2 + step * m_inv_c))
+    return y.clamp(-OUT_MAX, OUT_MAX)
+
+
+def deu_unit(x: Tensor, params: Tensor) -> Tensor:
+    """D(x) for parameters (6, n) broadcast over x's last dim (n); differentiable in both."""
+    return deu_eval(x, deu_planes(params))
+
+
+def deu_activation(x: Tensor, params: Tensor) -> Tensor:
+    """g * D(x): the delta a DEU adapter adds to a neuron's GELU output."""
+    planes = deu_planes(params)
+    return planes[-1] * deu_eval(x, planes)
+
+
+def check_deu_args(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+    """Raise TypeError / ValueError unless the tensors fit y[t] += g_k * D_k(h[t])."""
+    for name, t in (("y", y), ("h", h), ("bank", bank)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if y.dim() != 2 or h.shape != y.shape or bank.dim() != 3 or bank.shape[0] != N_PLANES:
+        raise ValueError(
+            f"expected y (T, F), h (T, F), bank ({N_PLANES}, S, F); got y {tuple(y.shape)}, "
+            f"h {tuple(h.shape)}, bank {tuple(bank.shape)}"
+        )
+    if bank.shape[2] != y.shape[1] or meta.num_tokens != y.shape[0]:
+        raise ValueError(
+            f"shape mismatch: meta has T={meta.num_tokens}, y {tuple(y.shape)}, "
+            f"bank {tuple(bank.shape)}"
+        )
+    if meta.max_slot >= bank.shape[1]:
+        raise ValueError(f"token slot {meta.max_slot} out of range for S={bank.shape[1]} slots")
+    if not y.dtype.is_floating_point or h.dtype != y.dtype:
+        raise TypeError(f"y and h must share one floating dtype, got {y.dtype} and {h.dtype}")
+    if bank.dtype != torch.float32:
+        raise TypeError(f"bank must be float32, got {bank.dtype}")
+    if not bank.is_contiguous():
+        raise ValueError("bank must be contiguous")
+    dev = y.device
+    if h.device != dev or bank.device != dev or meta.token_slots.device != dev:
+        raise ValueError(
+            f"all tensors must be on one device: y {dev}, h {h.device}, bank {bank.device}, "
+            f"meta {meta.token_slots.device}"
+        )
+    if y.shape[1] > 1 and (y.stride(1) != 1 or h.stride(1) != 1):
+        raise ValueError(f"y and h need a contiguous last dim, got {y.stride()}, {h.stride()}")
+
+
+def deu_apply(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+    """In place: y[t] += g_k * D_k(h[t]) for k = token_slots[t] >= 0; other rows untouched.
+
+    y (T, F) holds the frozen activation GELU(h), so rows without a DEU adapter stay the base
+    model's bit for bit; h (T, F) the pre-activations; bank (N_PLANES, S, F) float32 planes.
+    CUDA runs the fused Triton kernel; everything else the torch path (fp32 math throughout).
+    """
+    check_deu_args(y, h, bank, meta)
+    if meta.empty:
+        return
+    if y.is_cuda and y.dtype in _TRITON_DTYPES:
+        from kernels.triton_deu import deu_add
+
+        deu_add(y, h, bank, meta.token_slots)
+        return
+    if meta.num_active <= _GATHER_MAX_TOKENS_PER_RUN * len(meta.run_starts_host):
+        _apply_gathered(y, h, bank, meta)
+    else:
+        _apply_runs(y, h, bank, meta)
+
+
+def _apply_gathered(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+    """Each active token with its own slot's planes: one gather, one evaluation."""
+    hs = h if meta.all_active else h.index_select(0, meta.active_tokens)  # (N, F)
+    planes = bank.index_select(1, meta.active_slots)  # (P, N, F)
+    delta = (planes[-1] * deu_eval(hs, planes)).to(y.dtype)  # (N, F)
+    if meta.all_active:
+        y.add_(delta)
+    else:
+        y.index_add_(0, meta.active_tokens, delta)
+
+
+def _apply_runs(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+    """Per run [a, b) of slot k: the slot's planes broadcast over the run's rows."""
+    for k, a, b in zip(meta.run_slots_host, meta.run_starts_host, meta.run_ends_host, strict=True):
+        planes = bank[:, k, None, :]  # (P, 1, F)
+        y[a:b] += (planes[-1] * deu_eval(h[a:b], planes)).to(y.dtype)
