@@ -14,7 +14,7 @@ import time
 
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS, TASKS
 from adapters.pretrain_demo import pretrain
-from adapters.train import accuracy, train_lora
+from adapters.train import accuracy, train_adapter
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in args.tasks:
         t0 = time.perf_counter()
-        acc = train_lora(
+        acc = train_adapter(
             DEMO_MODEL,
             TASKS[name],
             DEMO_ADAPTERS / name,
             rank=args.rank,
             alpha=2.0 * args.rank,
             steps=args.steps,
-        )
+        ).accuracy
         rows.append((name, accuracy(DEMO_MODEL, None, TASKS[name]), acc, time.perf_counter() - t0))
     log.info("| task | base alone | with adapter | train time |")
     log.info("|---|---|---|---|")

@@ -63,6 +63,11 @@ class BaseShapes:
             "mlp.c_proj": (inner, n_embd),
         })
 
+    @property
+    def d_ff(self) -> int:
+        """Neurons per MLP layer: what a DEU adapter's per-layer parameters must cover."""
+        return self.dims["mlp.c_fc"][1]
+
 
 @dataclass(frozen=True)
 class LoRAModule:
@@ -98,7 +103,9 @@ class LoRAAdapter:
 
 
 @dataclass(frozen=True)
-class _Entry:
+class Entry:
+    """One tensor of a safetensors header."""
+
     key: str
     dtype: str
     shape: tuple[int, ...]
@@ -108,13 +115,19 @@ def load_lora_adapter(
     path: str | os.PathLike[str], *, name: str, base: BaseShapes, max_rank: int
 ) -> LoRAAdapter:
     """Load a PEFT LoRA adapter directory; raise AdapterError for anything hotlora cannot serve."""
+    raw, weights = read_adapter_dir(path, name)
+    return lora_from_file(raw, read_header(weights, name), weights, name=name, base=base,
+                          max_rank=max_rank)
+
+
+def read_adapter_dir(path: str | os.PathLike[str], name: str) -> tuple[Any, Path]:
+    """The parsed adapter_config.json of an adapter directory and its safetensors file's path."""
     root = Path(path)
     if not root.exists():
         raise AdapterError(name, f"adapter path {str(root)!r} does not exist", "path")
     if not root.is_dir():
         raise AdapterError(name, f"adapter path {str(root)!r} is not a directory", "path")
-    config = LoRAConfig.from_dict(_read_config(root / CONFIG_NAME, name), name)
-
+    raw = read_config(root / CONFIG_NAME, name)
     weights = root / WEIGHTS_NAME
     if not weights.is_file():
         if (root / PICKLE_NAME).exists():
@@ -122,9 +135,16 @@ def load_lora_adapter(
                 name, f"only {PICKLE_NAME} (a pickle) is present; hotlora loads only "
                 f"safetensors and never unpickles: re-save as {WEIGHTS_NAME}", PICKLE_NAME)
         raise AdapterError(name, f"{WEIGHTS_NAME} is missing", WEIGHTS_NAME)
+    return raw, weights
 
-    prefix, plan = _plan(_read_header(weights, name), config, name, base, max_rank)
-    tensors = _read_tensors(weights, name, [key for pair in plan.values() for key in pair])
+
+def lora_from_file(
+    raw: Any, entries: list[Entry], weights: Path, *, name: str, base: BaseShapes, max_rank: int
+) -> LoRAAdapter:
+    """The LoRA adapter a PEFT config and the LoRA tensors of a safetensors file describe."""
+    config = LoRAConfig.from_dict(raw, name)
+    prefix, plan = _plan(entries, config, name, base, max_rank)
+    tensors = read_tensors(weights, name, [key for pair in plan.values() for key in pair])
     modules = []
     for (layer, target), (a_key, b_key) in sorted(plan.items()):
         module_name = f"{prefix}h.{layer}.{target}"
@@ -134,11 +154,12 @@ def load_lora_adapter(
 
 
 def save_lora_adapter(path: str | os.PathLike[str], adapter: LoRAAdapter) -> None:
-    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout, creating the dir.
+    """Write adapter_config.json + adapter_model.safetensors in PEFT's layout, creating the dir."""
+    write_adapter_dir(path, adapter.config.to_dict(), lora_tensors(adapter))
 
-    Each file is written to a temporary name and renamed, so a crash or a concurrent load never
-    sees a half-written file.
-    """
+
+def lora_tensors(adapter: LoRAAdapter) -> dict[str, Tensor]:
+    """The adapter's PEFT-keyed float32 CPU tensors, checked against its config."""
     name, config = adapter.name, adapter.config
     prefix = _save_layout(adapter)
     tensors: dict[str, Tensor] = {}
@@ -158,13 +179,23 @@ def save_lora_adapter(path: str | os.PathLike[str], adapter: LoRAAdapter) -> Non
         a = m.A.detach().to("cpu", torch.float32).clone()  # (r, d_in)
         b = m.B.detach().to("cpu", torch.float32).clone()  # (d_out, r)
         tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = a, b
+    return tensors
 
+
+def write_adapter_dir(
+    path: str | os.PathLike[str], config: Mapping[str, Any], tensors: Mapping[str, Tensor]
+) -> None:
+    """Write adapter_config.json + adapter_model.safetensors, creating the directory.
+
+    Each file is written to a temporary name and renamed, so a crash or a concurrent load never
+    sees a half-written file.
+    """
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
     _atomic_write(root / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     # Serialized here and written by Python: safetensors' save_file creates its file 0600.
-    blob = save(tensors, metadata={"format": "pt"})
+    blob = save(dict(tensors), metadata={"format": "pt"})
     _atomic_write(root / WEIGHTS_NAME, lambda tmp: Path(tmp).write_bytes(blob))
 
 
@@ -193,7 +224,7 @@ def _save_layout(adapter: LoRAAdapter) -> str:
     return prefix
 
 
-def _read_config(path: Path, name: str) -> Any:
+def read_config(path: Path, name: str) -> Any:
     if not path.is_file():
         raise AdapterError(name, f"{CONFIG_NAME} is missing", CONFIG_NAME)
     try:
@@ -204,7 +235,7 @@ def _read_config(path: Path, name: str) -> Any:
         raise AdapterError(name, f"cannot be read as JSON: {e}", CONFIG_NAME) from e
 
 
-def _read_header(path: Path, name: str) -> list[_Entry]:
+def read_header(path: Path, name: str) -> list[Entry]:
     """Parse and sanity-check the safetensors header without touching tensor data."""
 
     def bad(why: str) -> AdapterError:
@@ -246,12 +277,12 @@ def _read_header(path: Path, name: str) -> list[_Entry]:
             0 <= begin <= end <= data_size and end - begin == math.prod(shape) * itemsize
         ):
             raise bad(f"data offsets of {key!r} do not match its shape or the file size")
-        entries.append(_Entry(key, dtype, shape))
+        entries.append(Entry(key, dtype, shape))
     return entries
 
 
 def _plan(
-    entries: list[_Entry], config: LoRAConfig, name: str, base: BaseShapes, max_rank: int
+    entries: list[Entry], config: LoRAConfig, name: str, base: BaseShapes, max_rank: int
 ) -> tuple[str, dict[tuple[int, str], tuple[str, str]]]:
     """Map every tensor key to (layer, target) and check it against config and base shapes.
 
@@ -259,7 +290,7 @@ def _plan(
     """
     skip = [pattern for field, pattern in _TRAINING_STATE_RE.items()
             if config.raw.get(field) is not None]
-    halves: dict[tuple[int, str], dict[str, _Entry]] = {}
+    halves: dict[tuple[int, str], dict[str, Entry]] = {}
     prefixes: set[str] = set()
     for e in entries:
         if any(p.fullmatch(e.key) for p in skip):
@@ -321,7 +352,7 @@ def _plan(
     return prefix, plan
 
 
-def _read_tensors(path: Path, name: str, keys: list[str]) -> dict[str, Tensor]:
+def read_tensors(path: Path, name: str, keys: list[str]) -> dict[str, Tensor]:
     out = {}
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -386,8 +386,8 @@ def _check_refusals(d: Mapping[str, Any], adapter: str) -> None:
     if "peft_type" not in d:
         raise AdapterError(adapter, "required field is missing", "peft_type")
     if peft_type != "LORA":
-        raise AdapterError(adapter, f"only LORA adapters are supported, got {peft_type!r}",
-                           "peft_type")
+        raise AdapterError(adapter, "hotlora serves PEFT 'LORA' adapters and its own 'DEU' "
+                           f"adapters, got {peft_type!r}", "peft_type")
     task = d.get("task_type")
     if task not in _TASK_TYPES:
         raise AdapterError(adapter, f"must be one of {_TASK_TYPES}, got {task!r}", "task_type")

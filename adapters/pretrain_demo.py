@@ -42,7 +42,7 @@ def pretrain(out: Path, steps: int, lr: float = 2e-3, batch_size: int = 32, seed
     model = GPT2(demo_config())
     model.init_weights(seed=seed)
     data = batches(lambda s: tok.encode(s).ids, [TASKS["copy"]], batch_size, eos_id(tok), seed)
-    fit(model, list(model.parameters()), data, steps, lr, desc="base")
+    fit(model, [{"params": list(model.parameters()), "lr": lr}], data, steps, desc="base")
     save_gpt2(model, out)
     tok.save(str(out / "tokenizer.json"))
     return accuracy(out, None, TASKS["copy"])

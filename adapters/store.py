@@ -28,15 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from adapters.adapter import Adapter, load_adapter
 from adapters.errors import AdapterError
-from adapters.format import (
-    CONFIG_NAME,
-    PICKLE_NAME,
-    WEIGHTS_NAME,
-    BaseShapes,
-    LoRAAdapter,
-    load_lora_adapter,
-)
+from adapters.format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, BaseShapes
 from adapters.lora_config import TARGETS
 
 logger = logging.getLogger(__name__)
@@ -80,7 +74,7 @@ class AdapterVersion:
     name: str
     version: int  # 1, 2, 3 ... per name; never reused within a process (see module docstring)
     path: Path  # directory holding adapter_config.json + adapter_model.safetensors
-    kind: str  # "lora"
+    kind: str  # "lora" | "deu" | "lora+deu"
     rank: int
     target_modules: tuple[str, ...]  # targets present in the file, in TARGETS order
     size_bytes: int  # size of adapter_model.safetensors
@@ -128,7 +122,7 @@ def _meta_from_json(name: str, version: int, path: Path, meta: Any) -> AdapterVe
     targets = meta.get("target_modules")
     fields = {
         "kind": isinstance(meta.get("kind"), str),
-        "rank": _is_int(meta.get("rank")) and meta["rank"] > 0,
+        "rank": _is_int(meta.get("rank")) and meta["rank"] >= 0,
         "target_modules": isinstance(targets, list) and all(t in TARGETS for t in targets),
         "size_bytes": _is_int(meta.get("size_bytes")),
         "sha256": isinstance(meta.get("sha256"), str) and _SHA256.fullmatch(meta["sha256"]),
@@ -214,7 +208,7 @@ class AdapterStore:
             sum(len(vs) for vs in self._index.values()),
         )
 
-    def put(self, name: str, config: bytes, weights: bytes) -> tuple[AdapterVersion, LoRAAdapter]:
+    def put(self, name: str, config: bytes, weights: bytes) -> tuple[AdapterVersion, Adapter]:
         """Validate and store a new version of ``name``.
 
         Returns the version and the validated adapter, named ``version.key`` as ``load`` would
@@ -232,11 +226,12 @@ class AdapterStore:
             _write_synced(staging / CONFIG_NAME, config)
             _write_synced(staging / WEIGHTS_NAME, weights)
             # Validation reads the staged files, so what is stored is exactly what was checked.
-            adapter = load_lora_adapter(staging, name=name, base=self.base, max_rank=self.max_rank)
-            present = {m.target for m in adapter.modules}
+            adapter = load_adapter(staging, name=name, base=self.base, max_rank=self.max_rank)
+            lora = adapter.lora
+            present = set() if lora is None else {m.target for m in lora.modules}
             meta = {
                 "format": _META_FORMAT,
-                "kind": "lora",
+                "kind": adapter.kind,
                 "rank": adapter.rank,
                 "target_modules": [t for t in TARGETS if t in present],
                 "size_bytes": len(weights),
@@ -264,10 +259,10 @@ class AdapterStore:
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        logger.info("stored %s (%d bytes, rank %d)", v.key, v.size_bytes, v.rank)
-        return v, dataclasses.replace(adapter, name=v.key)
+        logger.info("stored %s (%s, %d bytes, rank %d)", v.key, v.kind, v.size_bytes, v.rank)
+        return v, adapter.renamed(v.key)
 
-    def put_dir(self, name: str, src: Path) -> tuple[AdapterVersion, LoRAAdapter]:
+    def put_dir(self, name: str, src: Path) -> tuple[AdapterVersion, Adapter]:
         """``put`` the adapter_config.json + adapter_model.safetensors of a PEFT directory."""
         check_name(name)
         src = Path(src)
@@ -342,6 +337,6 @@ class AdapterStore:
         logger.info("deleted %s (%d versions)", name, len(removed))
         return removed
 
-    def load(self, v: AdapterVersion) -> LoRAAdapter:
+    def load(self, v: AdapterVersion) -> Adapter:
         """Read a stored version back (for a cache miss), named ``v.key``."""
-        return load_lora_adapter(v.path, name=v.key, base=self.base, max_rank=self.max_rank)
+        return load_adapter(v.path, name=v.key, base=self.base, max_rank=self.max_rank)

@@ -1,9 +1,11 @@
-"""Train a LoRA adapter on a frozen hotlora base model and write it in PEFT format.
+"""Train a LoRA, DEU or LoRA+DEU adapter on a frozen hotlora base model and write it.
 
     python -m adapters.train --base adapters/demo/hotlora-demo --task reverse --out /tmp/reverse
+    python -m adapters.train --base adapters/demo/hotlora-demo --task upper --kind deu --out /tmp/u
 
-Training runs the same GPT-2 definition the engine serves, with a differentiable LoRA hook
-in place of the batched one; held-out accuracy is measured through the real `Engine`.
+Training runs the same GPT-2 definition the engine serves, with a differentiable adapter hook
+in place of the batched one; held-out accuracy is measured through the real `Engine`. LoRA is
+written in PEFT's format, DEU and LoRA+DEU in hotlora's (adapters/deu_format.py).
 """
 
 from __future__ import annotations
@@ -15,15 +17,20 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from adapters.adapter import Adapter, Kind, save_adapter
 from adapters.demo_tasks import TASKS, Task, eos_id, example, heldout
-from adapters.format import LoRAAdapter, LoRAModule, save_lora_adapter
+from adapters.deu_format import DEUAdapter, DEUConfig
+from adapters.format import LoRAAdapter, LoRAModule
 from adapters.lora_config import LoRAConfig
+from kernels.deu import deu_activation
 from server.engine.config import ModelConfig
 from server.engine.model import GPT2, TARGETS
 
@@ -52,7 +59,7 @@ class TrainableLoRA(nn.Module):
     def key(layer: int, target: int) -> str:
         return f"{layer}_{target}"
 
-    def forward(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor:
+    def lora(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor:
         key = self.key(layer, target)
         if key not in self.A:
             return y
@@ -88,6 +95,83 @@ class TrainableLoRA(nn.Module):
         return LoRAAdapter(name=name, config=config, modules=tuple(modules))
 
 
+class TrainableDEU(nn.Module):
+    """Differentiable DEU activations: GELU(h) + g * D(h) per neuron group, on chosen layers.
+
+    a, b, c are softplus of raw parameters (positive: a stable system) initialised like the
+    paper's U(0, 1); c1 = c2 = 0; the gain starts at 0, so training starts from the base model.
+    """
+
+    def __init__(self, cfg: ModelConfig, layers: tuple[int, ...], group_size: int = 1) -> None:
+        super().__init__()
+        if cfg.n_inner % group_size:
+            raise ValueError(f"group_size {group_size} does not divide d_ff {cfg.n_inner}")
+        self.layers, self.group_size = layers, group_size
+        groups = cfg.n_inner // group_size
+        self.raw = nn.ParameterDict()  # layer -> (3, G): softplus^-1 of a, b, c
+        self.free = nn.ParameterDict()  # layer -> (2, G): c1, c2
+        self.gain = nn.ParameterDict()  # layer -> (G,)
+        for layer in layers:
+            abc = torch.rand(3, groups) * 0.9 + 0.1  # (3, G) in (0.1, 1)
+            self.raw[str(layer)] = nn.Parameter(abc.expm1().log())
+            self.free[str(layer)] = nn.Parameter(torch.zeros(2, groups))
+            self.gain[str(layer)] = nn.Parameter(torch.zeros(groups))
+
+    def params(self, layer: int) -> Tensor:
+        """(6, G): a, b, c, c1, c2, gain."""
+        key = str(layer)
+        abc = nn.functional.softplus(self.raw[key]) + 1e-6  # (3, G), > 0 even on underflow
+        return torch.cat([abc, self.free[key], self.gain[key][None]])
+
+    def shape_parameters(self) -> list[nn.Parameter]:
+        return [*self.raw.values(), *self.free.values()]
+
+    def activation(self, layer: int, h: Tensor, y: Tensor) -> Tensor:
+        if str(layer) not in self.raw:
+            return y
+        p = self.params(layer).repeat_interleave(self.group_size, dim=1)  # (6, d_ff)
+        return y + deu_activation(h, p)
+
+    def to_adapter(self, base_name: str, lora: LoRAConfig | None = None) -> DEUAdapter:
+        config = DEUConfig(
+            self.layers, self.group_size, base_name, None if lora is None else lora.to_dict()
+        )
+        return DEUAdapter(
+            config,
+            {layer: self.params(layer).detach().float().contiguous() for layer in self.layers},
+        )
+
+
+class TrainableAdapter(nn.Module):
+    """The training hook: a LoRA part, a DEU part, or both (the model calls both methods)."""
+
+    def __init__(self, lora: TrainableLoRA | None, deu: TrainableDEU | None) -> None:
+        super().__init__()
+        self.lora_part, self.deu_part = lora, deu
+
+    def lora(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor:
+        return y if self.lora_part is None else self.lora_part.lora(layer, target, x, y)
+
+    def activation(self, layer: int, h: Tensor, y: Tensor) -> Tensor:
+        return y if self.deu_part is None else self.deu_part.activation(layer, h, y)
+
+    def param_groups(self, lr: float, deu_lr: float, gain_lr: float) -> list[dict[str, Any]]:
+        groups: list[dict[str, Any]] = []
+        if self.lora_part is not None:
+            groups.append({"params": list(self.lora_part.parameters()), "lr": lr})
+        if self.deu_part is not None:
+            groups.append({"params": self.deu_part.shape_parameters(), "lr": deu_lr})
+            groups.append({"params": list(self.deu_part.gain.values()), "lr": gain_lr})
+        return groups
+
+    def to_adapter(self, name: str, base_name: str) -> Adapter:
+        lora = None if self.lora_part is None else self.lora_part.to_adapter(name, base_name)
+        deu = None
+        if self.deu_part is not None:
+            deu = self.deu_part.to_adapter(base_name, None if lora is None else lora.config)
+        return Adapter(name, lora, deu)
+
+
 def batches(
     tokenizer_encode: Callable[[str], list[int]],
     tasks: list[Task],
@@ -114,15 +198,18 @@ def batches(
 
 def fit(
     model: GPT2,
-    params: list[nn.Parameter],
+    groups: list[dict[str, Any]],
     data: Iterator[tuple[Tensor, Tensor]],
     steps: int,
-    lr: float,
-    lora: TrainableLoRA | None = None,
+    hook: TrainableAdapter | None = None,
     desc: str = "train",
 ) -> float:
-    """AdamW with linear warm-up and cosine decay; returns the final smoothed loss."""
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    """AdamW (one learning rate per group) with linear warm-up and cosine decay.
+
+    Returns the final smoothed loss.
+    """
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, weight_decay=0.0)
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt,
@@ -133,7 +220,7 @@ def fit(
     for _ in bar:
         ids, tgt = next(data)
         pos = torch.arange(ids.shape[1]).expand_as(ids)
-        logits = model.logits(model(ids, pos, None, lora))  # (B, L, V)
+        logits = model.logits(model(ids, pos, None, hook))  # (B, L, V)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -163,32 +250,61 @@ def accuracy(base_dir: Path, adapter_dir: Path | None, task: Task, n: int = 200)
     return sum(o.text.strip() == want for o, (_, want) in zip(outs, cases, strict=True)) / n
 
 
-def train_lora(
+@dataclass(frozen=True)
+class TrainResult:
+    kind: Kind
+    trainable_params: int
+    seconds: float  # training only, not the accuracy evaluation
+    final_loss: float
+    accuracy: float  # held-out greedy exact match, served by the engine
+
+
+def train_adapter(
     base_dir: Path,
     task: Task,
     out: Path,
+    kind: Kind = "lora",
+    *,
     rank: int = 8,
     alpha: float = 16.0,
+    targets: tuple[str, ...] = TARGETS,
+    layers: tuple[int, ...] | None = None,
+    group_size: int = 1,
     steps: int = 600,
     lr: float = 3e-3,
+    deu_lr: float = 1e-2,
+    gain_lr: float = 1e-2,
     batch_size: int = 32,
-    targets: tuple[str, ...] = TARGETS,
     seed: int = 0,
-) -> float:
-    """Train, save in PEFT format, return held-out accuracy."""
+) -> TrainResult:
+    """Train an adapter of `kind` on `task`, write it to `out`, measure held-out accuracy."""
     from server.engine.loader import load_gpt2
     from server.engine.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
     model, cfg = load_gpt2(base_dir, torch.device("cpu"), torch.float32)
     tok = load_tokenizer(base_dir)
-    lora = TrainableLoRA(cfg, rank, alpha, targets)
+    lora = TrainableLoRA(cfg, rank, alpha, targets) if kind != "deu" else None
+    deu = None
+    if kind != "lora":
+        deu = TrainableDEU(cfg, tuple(range(cfg.n_layer)) if layers is None else layers, group_size)
+    hook = TrainableAdapter(lora, deu)
+    groups = hook.param_groups(lr, deu_lr, gain_lr)
+    n_params = sum(p.numel() for g in groups for p in g["params"])
     data = batches(lambda s: tok.encode(s).ids, [task], batch_size, eos_id(tok), seed)
     t0 = time.perf_counter()
-    loss = fit(model, list(lora.parameters()), data, steps, lr, lora, desc=f"lora:{task.name}")
-    log.info("trained %s in %.0f s, final loss %.4f", task.name, time.perf_counter() - t0, loss)
-    save_lora_adapter(out, lora.to_adapter(task.name, base_dir.name))
-    return accuracy(base_dir, out, task)
+    loss = fit(model, groups, data, steps, hook, desc=f"{kind}:{task.name}")
+    seconds = time.perf_counter() - t0
+    log.info(
+        "trained %s %s (%d params) in %.0f s, final loss %.4f",
+        kind,
+        task.name,
+        n_params,
+        seconds,
+        loss,
+    )
+    save_adapter(out, hook.to_adapter(task.name, base_dir.name))
+    return TrainResult(kind, n_params, seconds, loss, accuracy(base_dir, out, task))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,32 +312,49 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", type=Path, required=True, help="hotlora/HF GPT-2 model directory")
     ap.add_argument("--task", choices=sorted(TASKS), required=True)
     ap.add_argument("--out", type=Path, required=True, help="adapter directory to write")
-    ap.add_argument("--kind", choices=["lora"], default="lora")
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--alpha", type=float, default=16.0)
+    ap.add_argument("--kind", choices=["lora", "deu", "lora+deu"], default="lora")
+    ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
+    ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
+    ap.add_argument(
+        "--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="LoRA target modules"
+    )
+    ap.add_argument("--layers", type=int, nargs="+", help="DEU layers (default: all)")
+    ap.add_argument("--group-size", type=int, default=1, help="DEU neurons per parameter set")
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lr", type=float, default=3e-3, help="LoRA learning rate")
+    ap.add_argument("--deu-lr", type=float, default=1e-2, help="DEU shape (a, b, c, c1, c2) lr")
+    ap.add_argument("--gain-lr", type=float, default=1e-2, help="DEU gain learning rate")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     task = TASKS[args.task]
-    acc = train_lora(
+    result = train_adapter(
         args.base,
         task,
         args.out,
-        args.rank,
-        args.alpha,
-        args.steps,
-        args.lr,
-        args.batch_size,
+        args.kind,
+        rank=args.rank,
+        alpha=args.alpha,
+        targets=tuple(args.targets),
+        layers=None if args.layers is None else tuple(args.layers),
+        group_size=args.group_size,
+        steps=args.steps,
+        lr=args.lr,
+        deu_lr=args.deu_lr,
+        gain_lr=args.gain_lr,
+        batch_size=args.batch_size,
         seed=args.seed,
     )
     base_acc = accuracy(args.base, None, task)
     log.info(
-        "%s: held-out greedy accuracy %.1f%% with the adapter, %.1f%% base alone",
+        "%s %s: %d trainable parameters, %.0f s; held-out greedy accuracy %.1f%% with the "
+        "adapter, %.1f%% base alone",
+        result.kind,
         task.name,
-        100 * acc,
+        result.trainable_params,
+        result.seconds,
+        100 * result.accuracy,
         100 * base_acc,
     )
 

@@ -2,9 +2,11 @@
 
 GPT-2-small shapes (124M, random weights, fp32), batch 32, 32-token prompts, 32 new greedy
 tokens, with 0, 1, 8 and 32 distinct rank-16 adapters on c_attn/c_proj/c_fc. Prints tokens/s
-for both and the ratios. `--smoke` runs tiny shapes in seconds (CI checks the script works).
+for both and the ratios. The DEU columns serve 1, 8 and 32 distinct DEU adapters (every MLP
+neuron of every layer) and LoRA+DEU adapters (each LoRA above plus a DEU part) from the same
+engine; peft has no DEU. `--smoke` runs tiny shapes in seconds (CI checks the script works).
 
-    python load_tests/bench_offline.py [--smoke] [--skip-peft] [--json out.json]
+    python load_tests/bench_offline.py [--smoke] [--skip-peft] [--kinds lora deu] [--json out.json]
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from adapters.adapter import Adapter, save_adapter  # noqa: E402
 from adapters.demo_tasks import build_tokenizer  # noqa: E402
+from adapters.deu_format import DEUAdapter, DEUConfig  # noqa: E402
+from adapters.format import BaseShapes, load_lora_adapter  # noqa: E402
 from server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 
 FULL = {
@@ -44,6 +49,35 @@ SMOKE = {
     "new": 4,
 }
 TARGETS = ["c_attn", "c_proj", "c_fc"]
+KINDS = ("lora", "deu", "lora+deu")
+
+
+def random_deu(n_layer: int, d_ff: int, seed: int) -> DEUAdapter:
+    """Every neuron of every layer, parameters spread over all three damping regimes."""
+    gen = torch.Generator().manual_seed(seed)
+    params = {
+        layer: torch.cat(
+            [
+                0.2 + 1.8 * torch.rand(3, d_ff, generator=gen),  # a, b, c
+                0.3 * torch.randn(3, d_ff, generator=gen),  # c1, c2, gain
+            ]
+        )  # (6, d_ff)
+        for layer in range(n_layer)
+    }
+    return DEUAdapter(DEUConfig(tuple(range(n_layer)), 1, "bench"), params)
+
+
+def build_deu(root: Path, shape: dict[str, int], lora_names: list[str], rank: int) -> list[str]:
+    """One DEU adapter per LoRA adapter, and the two combined: d{i} and ld{i}."""
+    base = BaseShapes.gpt2(shape["n_layer"], shape["n_embd"])
+    names = []
+    for i, lora_name in enumerate(lora_names):
+        deu = random_deu(shape["n_layer"], base.d_ff, seed=100 + i)
+        lora = load_lora_adapter(root / lora_name, name=lora_name, base=base, max_rank=rank)
+        save_adapter(root / f"d{i}", Adapter(f"d{i}", None, deu))
+        save_adapter(root / f"ld{i}", Adapter(f"ld{i}", lora, deu))
+        names += [f"d{i}", f"ld{i}"]
+    return names
 
 
 def build(root: Path, shape: dict[str, int], n_adapters: int, rank: int) -> tuple[Any, list[str]]:
@@ -84,26 +118,28 @@ def row_adapters(names: list[str], distinct: int, batch: int) -> list[str | None
 
 def bench_hotlora(
     root: Path,
-    names: list[str],
+    names: dict[str, list[str]],
     shape: dict[str, int],
     rank: int,
     distincts: list[int],
     repeats: int,
     device: str = "cpu",
     dtype: str = "float32",
-) -> dict[int, float]:
+) -> dict[str, dict[int, float]]:
+    """tokens/s per adapter kind and number of distinct adapters in the batch (0 = base)."""
+    every = [n for kind_names in names.values() for n in kind_names]
     engine = Engine.from_pretrained(
         root / "base",
         EngineConfig(
             max_batch=shape["batch"],
             max_seq_len=shape["prompt"] + shape["new"] + 1,
-            max_adapters=max(1, len(names)),
+            max_adapters=max(1, len(every)),
             max_rank=rank,
             device=device,
             dtype=dtype,
         ),
     )
-    for n in names:
+    for n in every:
         engine.add_adapter(n, root / n)
     gen = torch.Generator().manual_seed(1)
     prompts = [
@@ -112,18 +148,21 @@ def bench_hotlora(
     ]
     params = SamplingParams(max_tokens=shape["new"], temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:2], params=params)  # warm-up
-    out = {}
-    for d in distincts:
+    out: dict[str, dict[int, float]] = {kind: {} for kind in names}
+    runs = [(kind, d) for kind in names for d in distincts if d > 0 or kind == "lora"]
+    for kind, d in runs:
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()
-            res = engine.generate(prompts, row_adapters(names, d, shape["batch"]), params)
+            res = engine.generate(prompts, row_adapters(names[kind], d, shape["batch"]), params)
             if engine.device.type == "cuda":
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - t0)
         assert all(len(r.token_ids) == shape["new"] for r in res)
-        out[d] = shape["batch"] * shape["new"] / best
-        print(f"  hotlora  {d:>2} adapters: {out[d]:8.1f} tok/s", flush=True)
+        out[kind][d] = shape["batch"] * shape["new"] / best
+        print(f"  hotlora  {kind:>8} {d:>2} adapters: {out[kind][d]:8.1f} tok/s", flush=True)
+    for kind in names:  # the no-adapter run is the same for every kind
+        out[kind][0] = out["lora"][0]
     return out
 
 
@@ -174,39 +213,45 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--device", default="cpu", help="hotlora's device (peft stays on the CPU)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
     args = ap.parse_args(argv)
     shape = SMOKE if args.smoke else FULL
     distincts = [0, 1, 8] if args.smoke else [0, 1, 8, 32]
     n = max(distincts)
     print(f"shape {shape}, rank {args.rank}, torch threads {torch.get_num_threads()}", flush=True)
+    repeats = 1 if args.smoke else args.repeats
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, names = build(root, shape, n, args.rank)
+        base, lora_names = build(root, shape, n, args.rank)
+        names = {"lora": lora_names}
+        if {"deu", "lora+deu"} & set(args.kinds):
+            deu_names = build_deu(root, shape, lora_names, args.rank)
+            names |= {"deu": deu_names[0::2], "lora+deu": deu_names[1::2]}
+        names = {k: v for k, v in names.items() if k == "lora" or k in args.kinds}
         hot = bench_hotlora(
-            root,
-            names,
-            shape,
-            args.rank,
-            distincts,
-            1 if args.smoke else args.repeats,
-            args.device,
-            args.dtype,
+            root, names, shape, args.rank, distincts, repeats, args.device, args.dtype
         )
         peft = (
-            {}
-            if args.skip_peft
-            else bench_peft(root, base, names, shape, distincts, 1 if args.smoke else args.repeats)
+            {} if args.skip_peft else bench_peft(root, base, lora_names, shape, distincts, repeats)
         )
+    base_tps = hot["lora"][0]
     print("\n| distinct adapters | hotlora tok/s | peft tok/s | hotlora/peft | hotlora/hotlora@0 |")
     print("|---:|---:|---:|---:|---:|")
     for d in distincts:
         p = peft.get(d)
-        ratio = f"{hot[d] / p:.2f}x" if p else "-"
+        ratio = f"{hot['lora'][d] / p:.2f}x" if p else "-"
+        peft_col = f"{p:.1f}" if p else "-"
+        tps = hot["lora"][d]
+        print(f"| {d} | {tps:.1f} | {peft_col} | {ratio} | {tps / base_tps:.3f} |")
+    if len(names) > 1:
+        kinds = [k for k in KINDS if k in names]
         print(
-            f"| {d} | {hot[d]:.1f} | {p:.1f} | {ratio} | {hot[d] / hot[0]:.3f} |"
-            if p
-            else f"| {d} | {hot[d]:.1f} | - | - | {hot[d] / hot[0]:.3f} |"
+            "\n| distinct adapters | " + " | ".join(f"{k} tok/s | {k}/none" for k in kinds) + " |"
         )
+        print("|---:|" + "---:|---:|" * len(kinds))
+        for d in distincts:
+            cols = [f"{hot[k][d]:.1f} | {hot[k][d] / base_tps:.3f}" for k in kinds]
+            print(f"| {d} | " + " | ".join(cols) + " |")
     if args.json:
         args.json.write_text(json.dumps({"shape": shape, "hotlora": hot, "peft": peft}, indent=2))
     return 0

@@ -9,9 +9,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from adapters.adapter import Adapter
 from adapters.cache import ByteLRU
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS
-from adapters.format import LoRAAdapter
 from adapters.store import AdapterStore
 from server.config import Settings
 from server.engine import Engine, EngineConfig
@@ -45,7 +45,7 @@ def build_state(settings: Settings) -> AppState:
             store.put_dir(task, DEMO_ADAPTERS / task)
         log.info("adapter store was empty: added the demo adapters %s", ", ".join(DEMO_TASKS))
     metrics = Metrics(max_lora=settings.max_adapters)
-    cache: ByteLRU[str, LoRAAdapter] = ByteLRU(settings.cpu_cache_bytes)
+    cache: ByteLRU[str, Adapter] = ByteLRU(settings.cpu_cache_bytes)
     loop = EngineLoop(
         engine,
         store,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter as Counter_
+from collections.abc import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TOKEN_LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+KINDS = ("lora", "deu", "lora+deu")
 
 
 class Metrics:
@@ -61,10 +65,11 @@ class Metrics:
         )  # phase: prefill | decode
         self.adapter_loads = Counter(
             "hotlora_adapter_loads",
-            "Adapter loads by source tier and outcome",
-            ["tier", "outcome"],
+            "Adapter loads by source tier, outcome and adapter kind",
+            ["tier", "outcome", "kind"],
             registry=r,
-        )  # tier: device (already resident) | cpu (cache hit) | disk; outcome: ok | error
+        )  # tier: device (already resident) | cpu (cache hit) | disk; outcome: ok | error;
+        # kind: lora | deu | lora+deu
         self.adapter_load_time = Histogram(
             "hotlora_adapter_load_seconds",
             "Time to make an adapter resident",
@@ -81,6 +86,11 @@ class Metrics:
         self.slots_used = Gauge(
             "hotlora_adapter_slots_used", "Device adapter slots in use", registry=r
         )
+        self.resident = Gauge(
+            "hotlora_adapters_resident", "Adapters in device slots by kind", ["kind"], registry=r
+        )
+        for kind in KINDS:
+            self.resident.labels(kind).set(0)
         self.slots_total = Gauge("hotlora_adapter_slots_total", "Device adapter slots", registry=r)
         self.slots_total.set(max_lora)
         self.hot_swaps = Counter(
@@ -108,6 +118,11 @@ class Metrics:
         self.lora_info.labels(
             ",".join(sorted(running)), ",".join(sorted(waiting)), str(self.max_lora)
         ).set(time.time())
+
+    def set_resident(self, kinds: Iterable[str]) -> None:
+        counts = Counter_(kinds)
+        for kind in KINDS:
+            self.resident.labels(kind).set(counts.get(kind, 0))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adapters.adapter import Adapter
 from adapters.cache import ByteLRU
-from adapters.format import LoRAAdapter
 from adapters.store import AdapterStore
 from server.config import Settings
 from server.engine.engine import Engine
@@ -18,7 +18,7 @@ class AppState:
     settings: Settings
     engine: Engine
     store: AdapterStore
-    cache: ByteLRU[str, LoRAAdapter]
+    cache: ByteLRU[str, Adapter]
     loop: EngineLoop
     metrics: Metrics
     created: int

@@ -67,3 +67,42 @@ def make_peft_adapter(hf_model: Any, path: Path, seed: int = 1, **lora_kwargs: A
                 p.copy_(0.3 * torch.randn_like(p))
     peft_model.save_pretrained(path)
     return peft_model
+
+
+def random_deu(
+    n_layer: int,
+    d_ff: int,
+    *,
+    seed: int,
+    layers: tuple[int, ...] | None = None,
+    group_size: int = 1,
+    gain: float = 0.5,
+    lora_config: dict[str, Any] | None = None,
+) -> Any:
+    """A DEUAdapter with random parameters spread over every regime (a, b, c in (0.2, 2))."""
+    from adapters.deu_format import DEUAdapter, DEUConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = tuple(range(n_layer)) if layers is None else layers
+    groups = d_ff // group_size
+    params = {}
+    for layer in layers:
+        abc = 0.2 + 1.8 * torch.rand(3, groups, generator=gen)  # (3, G)
+        c12 = 0.3 * torch.randn(2, groups, generator=gen)  # (2, G)
+        g = gain * torch.randn(1, groups, generator=gen)  # (1, G)
+        params[layer] = torch.cat([abc, c12, g])  # (6, G)
+    return DEUAdapter(DEUConfig(layers, group_size, "test-base", lora_config), params)
+
+
+def save_deu(
+    path: Path, deu: Any, base: Any, lora_dir: Path | None = None, name: str = "deu"
+) -> Path:
+    """Write a DEU (or, with the PEFT LoRA directory `lora_dir`, a LoRA+DEU) adapter dir."""
+    from adapters.adapter import Adapter, save_adapter
+    from adapters.format import load_lora_adapter
+
+    lora = None
+    if lora_dir is not None:
+        lora = load_lora_adapter(lora_dir, name=name, base=base, max_rank=64)
+    save_adapter(path, Adapter(name, lora, deu))
+    return path

@@ -22,6 +22,11 @@ class StepBatch:
     attn: AttnBatch
     lora: LoRAMeta
     lora_minus: LoRAMeta | None  # rows that must subtract the merged adapter's delta
+    deu: LoRAMeta  # token -> DEU slot (-1 = the frozen GELU)
+
+    @property
+    def has_adapters(self) -> bool:
+        return not (self.lora.empty and self.lora_minus is None and self.deu.empty)
 
 
 def _row_range(rows: list[int]) -> tuple[int, int] | None:
@@ -35,13 +40,15 @@ def build_step(
     tokens: list[list[int]],
     starts: list[int],
     slots: list[int],
+    deu_slots: list[int],
     merged_slot: int | None,
     device: torch.device,
 ) -> StepBatch:
     """Rows `rows` feed `tokens[b]` at positions starts[b], starts[b]+1, ... (right-padded).
 
-    slots[b] is row b's adapter slot (-1 = base). With `merged_slot` set, that adapter is in
-    the weights: its rows take no delta and every other row subtracts it.
+    slots[b] is row b's LoRA slot and deu_slots[b] its DEU slot (-1 = none). With
+    `merged_slot` set, that LoRA is in the weights: its rows take no delta and every other row
+    subtracts it.
     """
     B, L = len(rows), max(len(t) for t in tokens)
     ids = torch.zeros(B, L, dtype=torch.long)
@@ -56,6 +63,7 @@ def build_step(
         [s if i < n else -1 for i in range(L)] for s, n in zip(slots, lengths, strict=True)
     ]
     plus = [(-1 if s == merged_slot else s) for row in per_token for s in row]
+    deu = [s if i < n else -1 for s, n in zip(deu_slots, lengths, strict=True) for i in range(L)]
     minus = None
     if merged_slot is not None:
         flat = [
@@ -80,4 +88,5 @@ def build_step(
         attn=attn,
         lora=build_lora_meta(plus, device),
         lora_minus=minus,
+        deu=build_lora_meta(deu, device),
     )

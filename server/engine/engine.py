@@ -1,4 +1,4 @@
-"""The public offline engine: a frozen GPT-2, resident LoRA adapters, batched generation.
+"""The public offline engine: a frozen GPT-2, resident LoRA/DEU adapters, batched generation.
 
 `generate` and the server's loop share one step function: `add_request` queues work, each
 `step` either admits waiting requests (prefill) or decodes every running row once.
@@ -15,43 +15,22 @@ from pathlib import Path
 
 import torch
 
-from adapters.format import BaseShapes, LoRAAdapter, load_lora_adapter
+from adapters.adapter import Adapter, load_adapter
+from adapters.format import BaseShapes
 from server.engine.batch import StepBatch, build_step
 from server.engine.config import EngineConfig, ModelConfig
+from server.engine.deu_slots import DEUSlots
 from server.engine.errors import EngineError, RequestError
+from server.engine.hook import BatchAdapters
 from server.engine.kv_cache import KVCache
 from server.engine.loader import load_gpt2
-from server.engine.lora_slots import BatchLoRA, LoRASlots
+from server.engine.lora_slots import LoRASlots
 from server.engine.model import GPT2, TARGETS, Conv1D
+from server.engine.outputs import GenerationOutput, StepOutput
 from server.engine.sampling import SamplingParams, make_generator, sample
 from server.engine.tokenizer import Detokenizer, Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    """The finished result of one prompt."""
-
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
-    prompt_token_ids: list[int]
-    adapter: str | None
-
-
-@dataclass(frozen=True)
-class StepOutput:
-    """What one step produced for one request (streamed by the server)."""
-
-    request_id: str
-    new_token_ids: list[int]
-    new_text: str
-    finish_reason: str | None  # set on the request's last output
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
 
 
 @dataclass
@@ -59,10 +38,18 @@ class _Resident:
     """An adapter in a device slot; `refs` counts the requests that use it."""
 
     name: str  # the name it is resident under (the server uses name@version)
-    adapter: LoRAAdapter
+    adapter: Adapter
     slot: int
     refs: int = 0
     removed: bool = False
+
+    @property
+    def lora_slot(self) -> int:
+        return -1 if self.adapter.lora is None else self.slot
+
+    @property
+    def deu_slot(self) -> int:
+        return -1 if self.adapter.deu is None else self.slot
 
 
 @dataclass
@@ -78,12 +65,16 @@ class _Request:
     finish_reason: str | None = None
 
     @property
-    def slot(self) -> int:
-        return -1 if self.adapter is None else self.adapter.slot
+    def lora_slot(self) -> int:
+        return -1 if self.adapter is None else self.adapter.lora_slot
+
+    @property
+    def deu_slot(self) -> int:
+        return -1 if self.adapter is None else self.adapter.deu_slot
 
 
 class Engine:
-    """A frozen GPT-2 serving many LoRA adapters in mixed batches."""
+    """A frozen GPT-2 serving many LoRA and DEU adapters in mixed batches."""
 
     def __init__(
         self, model: GPT2, tokenizer: Tokenizer, config: EngineConfig, model_dir: Path
@@ -98,6 +89,7 @@ class Engine:
         self.slots = LoRASlots(
             model.cfg, config.max_adapters, config.max_rank, self.device, self.dtype
         )
+        self.deu_slots = DEUSlots(model.cfg, config.max_adapters, self.device)
         self.base_shapes = BaseShapes(n_layer=model.cfg.n_layer, dims=model.cfg.target_dims())
         eos = model.cfg.eos_token_id
         self.eos_token_id = eos if eos is not None and 0 <= eos < model.cfg.vocab_size else None
@@ -135,17 +127,20 @@ class Engine:
 
     # ------------------------------------------------------------------ adapters
 
-    def add_adapter(self, name: str, path: str | Path) -> LoRAAdapter:
-        """Validate a PEFT LoRA directory and make it resident (raises AdapterError/EngineError)."""
+    def add_adapter(self, name: str, path: str | Path) -> Adapter:
+        """Validate a LoRA, DEU or LoRA+DEU directory and make it resident.
+
+        Raises AdapterError for a refused adapter, EngineError when it cannot be made resident.
+        """
         if name in self._adapters:
             raise EngineError(f"adapter {name!r} is already loaded; remove it first")
-        adapter = load_lora_adapter(
+        adapter = load_adapter(
             path, name=name, base=self.base_shapes, max_rank=self.config.max_rank
         )
         self.load_adapter(name, adapter)
         return adapter
 
-    def load_adapter(self, name: str, adapter: LoRAAdapter) -> None:
+    def load_adapter(self, name: str, adapter: Adapter) -> None:
         """Copy an already validated adapter into a free device slot."""
         if name in self._adapters:
             raise EngineError(f"adapter {name!r} is already loaded; remove it first")
@@ -156,9 +151,12 @@ class Engine:
                 f"all {self.config.max_adapters} adapter slots are in use; remove an adapter first"
             )
         slot = self._free_slots.pop()
-        self.slots.write(slot, adapter)
+        if adapter.lora is not None:
+            self.slots.write(slot, adapter.lora)
+        if adapter.deu is not None:
+            self.deu_slots.write(slot, adapter.deu)
         self._adapters[name] = _Resident(name, adapter, slot)
-        log.info("adapter %s: rank %d in slot %d", name, adapter.rank, slot)
+        log.info("adapter %s: %s, rank %d, in slot %d", name, adapter.kind, adapter.rank, slot)
 
     @property
     def free_slots(self) -> int:
@@ -187,8 +185,13 @@ class Engine:
     def adapters(self) -> list[str]:
         return list(self._adapters)
 
+    def adapter_kinds(self) -> dict[str, str]:
+        """Resident adapter -> "lora" | "deu" | "lora+deu"."""
+        return {n: r.adapter.kind for n, r in self._adapters.items()}
+
     def _free(self, res: _Resident) -> None:
         self.slots.clear(res.slot)
+        self.deu_slots.clear(res.slot)
         self._free_slots.append(res.slot)
 
     # ------------------------------------------------------------------ merged weights
@@ -198,13 +201,19 @@ class Engine:
         return None if self._merged is None else self._merged.name
 
     def merge_adapter(self, name: str) -> None:
-        """Serve `name` from W + s * (B @ A).T; other rows get delta_j - delta_name."""
+        """Serve `name`'s LoRA from W + s * (B @ A).T; other rows get delta_j - delta_name.
+
+        A DEU part cannot be merged (it is not linear) and keeps being applied per row.
+        """
         res = self._adapters.get(name)
         if res is None:
             raise EngineError(f"adapter {name!r} is not loaded")
+        lora = res.adapter.lora
+        if lora is None:
+            raise EngineError(f"adapter {name!r} has no LoRA part to merge into the weights")
         if self._merged is not None:
             self.unmerge_adapter()
-        for m in res.adapter.modules:
+        for m in lora.modules:
             t = TARGETS.index(m.target)
             mod: Conv1D = self.model.target(m.layer, t)
             pristine = mod.weight
@@ -371,7 +380,8 @@ class Engine:
             [r.row for r in batch],
             tokens,
             starts,
-            [r.slot for r in batch],
+            [r.lora_slot for r in batch],
+            [r.deu_slot for r in batch],
             merged,
             self.device,
         )
@@ -383,10 +393,10 @@ class Engine:
         next_ids = sample(logits, [r.params for r in batch], [r.generator for r in batch])
         return [self._advance(req, tok) for req, tok in zip(batch, next_ids, strict=True)]
 
-    def _hook(self, step: StepBatch) -> BatchLoRA | None:
-        if step.lora.empty and step.lora_minus is None:
+    def _hook(self, step: StepBatch) -> BatchAdapters | None:
+        if not step.has_adapters:
             return None
-        return BatchLoRA(self.slots, step.lora, step.lora_minus)
+        return BatchAdapters(self.slots, self.deu_slots, step.lora, step.lora_minus, step.deu)
 
     def _advance(self, req: _Request, token: int) -> StepOutput:
         p = req.params
@@ -427,11 +437,13 @@ class Engine:
         if unknown:
             raise RequestError(f"adapter {unknown[0]!r} is not loaded")
         ids = [self.encode(p) for p in prompts]
-        slots = [-1 if n is None else self._adapters[n].slot for n in names]
+        res = [None if n is None else self._adapters[n] for n in names]
+        lora = [-1 if r is None else r.lora_slot for r in res]
+        deu = [-1 if r is None else r.deu_slot for r in res]
         rows = [self.kv.allocate() for _ in prompts]
         try:
             merged = None if self._merged is None else self._merged.slot
-            step = build_step(self.kv, rows, ids, [0] * len(ids), slots, merged, self.device)
+            step = build_step(self.kv, rows, ids, [0] * len(ids), lora, deu, merged, self.device)
             hidden = self.model(step.input_ids, step.positions, step.attn, self._hook(step))
             return [self.model.logits(hidden[b, : len(t)]).float() for b, t in enumerate(ids)]
         finally:

@@ -18,10 +18,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from adapters.adapter import Adapter
 from adapters.cache import ByteLRU
-from adapters.format import LoRAAdapter
 from adapters.store import AdapterStore, AdapterVersion
-from server.engine.engine import Engine, StepOutput
+from server.engine.engine import Engine
+from server.engine.outputs import StepOutput
 from server.engine.sampling import SamplingParams
 from server.metrics import Metrics
 
@@ -75,7 +76,7 @@ class _Pending:
 
 @dataclass
 class _Load:
-    future: Future[LoRAAdapter]
+    future: Future[Adapter]
     tier: str
     started: float = field(default_factory=time.perf_counter)
 
@@ -87,7 +88,7 @@ class EngineLoop:
         self,
         engine: Engine,
         store: AdapterStore,
-        cache: ByteLRU[str, LoRAAdapter],
+        cache: ByteLRU[str, Adapter],
         config: LoopConfig,
         metrics: Metrics,
     ) -> None:
@@ -248,7 +249,7 @@ class EngineLoop:
         if load is None:
             cached = self.cache.get(key)
             if cached is not None:
-                fut: Future[LoRAAdapter] = Future()
+                fut: Future[Adapter] = Future()
                 fut.set_result(cached)
                 load = _Load(fut, "cpu")
             else:
@@ -267,7 +268,7 @@ class EngineLoop:
             adapter = load.future.result()
             self.engine.load_adapter(key, adapter)
         except Exception as e:
-            self.metrics.adapter_loads.labels(load.tier, "error").inc()
+            self.metrics.adapter_loads.labels(load.tier, "error", version.kind).inc()
             if self.store.get(version.name, version.version) is None:
                 return AdapterGone(f"adapter {version.name!r} was deleted")
             log.warning("loading %s failed: %s", key, e)
@@ -275,7 +276,7 @@ class EngineLoop:
         for evicted in self.cache.put(key, adapter, adapter.size_bytes):
             if evicted != key:
                 self.metrics.evictions.labels("cpu").inc()
-        self.metrics.adapter_loads.labels(load.tier, "ok").inc()
+        self.metrics.adapter_loads.labels(load.tier, "ok", adapter.kind).inc()
         self.metrics.adapter_load_time.labels(load.tier).observe(time.perf_counter() - load.started)
         return True
 
@@ -309,8 +310,10 @@ class EngineLoop:
                 engine.unmerge_adapter()
             return
         running, _ = engine.adapter_counts()
-        # Retired versions still serve their last requests but cannot be merged.
-        running = {k: n for k, n in running.items() if k in engine.adapters}
+        # Retired versions still serve their last requests but cannot be merged, and a DEU
+        # part is not linear: only adapters with a LoRA part can be merged.
+        kinds = engine.adapter_kinds()
+        running = {k: n for k, n in running.items() if kinds.get(k, "deu") != "deu"}
         total = engine.num_running
         if merged is not None and (
             total == 0 or running.get(merged, 0) < 0.5 * cfg.merge_min_share * total
@@ -337,6 +340,7 @@ class EngineLoop:
         m.running.set(e.num_running)
         m.waiting.set(self._n_waiting)
         m.slots_used.set(e.config.max_adapters - e.free_slots)
+        m.set_resident(e.adapter_kinds().values())
         m.merged.set(0 if e.merged_adapter is None else 1)
         m.cache_bytes.set(self.cache.bytes_used)
         running, waiting = e.adapter_counts()

@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from adapters.format import LoRAAdapter
-from kernels import LoRAMeta, lora_apply
 from server.engine.config import ModelConfig
 from server.engine.model import TARGETS
 
@@ -72,23 +71,3 @@ class LoRASlots:
         a = self.A[layer][target][slot].float()  # (R, d_in)
         b = self.B[layer][target][slot].float()  # (d_out, R)
         return self.scales[layer, target, slot] * (b @ a)  # (d_out, d_in)
-
-
-class BatchLoRA:
-    """The model's LoRA hook for one step: one batched op per target projection.
-
-    With a merged adapter h in the weights, `minus` names, for every row not of h, the slot of h,
-    so those rows get delta_j - delta_h (dLoRA's correction) and rows of h pay nothing.
-    """
-
-    def __init__(self, slots: LoRASlots, meta: LoRAMeta, minus: LoRAMeta | None = None) -> None:
-        self.slots, self.meta, self.minus = slots, meta, minus
-        self.plus = not meta.empty
-
-    def __call__(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor:
-        A, B = self.slots.A[layer][target], self.slots.B[layer][target]
-        if self.plus:
-            lora_apply(y, x, A, B, self.slots.scales[layer, target], self.meta)
-        if self.minus is not None:
-            lora_apply(y, x, A, B, self.slots.neg_scales[layer, target], self.minus)
-        return y

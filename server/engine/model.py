@@ -1,8 +1,9 @@
 """GPT-2 in plain torch, readable top to bottom (nanoGPT's layout, Hugging Face's weight names).
 
 Every projection is a Conv1D-style `x @ W + b` with W stored [in, out] exactly as GPT-2
-checkpoints store it. An optional `LoRAHook` adds each token's adapter delta to the output of
-the four adapter targets; the model itself knows nothing about adapters or batching policy.
+checkpoints store it. An optional `AdapterHook` adds each token's LoRA delta to the output of
+the four adapter targets and its DEU delta to the MLP activation; the model itself knows nothing
+about adapters or batching policy.
 """
 
 from __future__ import annotations
@@ -22,10 +23,16 @@ TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 C_ATTN, ATTN_PROJ, C_FC, MLP_PROJ = range(4)
 
 
-class LoRAHook(Protocol):
-    """Adds the adapter delta of every token to a target's output: returns y + delta(x)."""
+class AdapterHook(Protocol):
+    """Applies every token's adapter to the frozen model."""
 
-    def __call__(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor: ...
+    def lora(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor:
+        """y + delta(x) at adapter target `target` (an index into TARGETS)."""
+        ...
+
+    def activation(self, layer: int, h: Tensor, y: Tensor) -> Tensor:
+        """The MLP activation's output y = GELU(h), adapted (y + g * D(h) for DEU rows)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -66,12 +73,12 @@ class Attention(nn.Module):
         scale = 1.0 / math.sqrt(cfg.head_dim)
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
 
-    def forward(self, x: Tensor, attn: AttnBatch | None, lora: LoRAHook | None) -> Tensor:
+    def forward(self, x: Tensor, attn: AttnBatch | None, adapters: AdapterHook | None) -> Tensor:
         B, L, d = x.shape
         x2 = x.reshape(B * L, d)  # (T, d)
         qkv = self.c_attn(x2)  # (T, 3d)
-        if lora is not None:
-            qkv = lora(self.layer, C_ATTN, x2, qkv)
+        if adapters is not None:
+            qkv = adapters.lora(self.layer, C_ATTN, x2, qkv)
         q, k, v = qkv.view(B, L, 3, self.n_head, d // self.n_head).permute(
             2, 0, 3, 1, 4
         )  # (B, H, L, D)
@@ -82,8 +89,8 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, scale=self.scale)
         o2 = o.transpose(1, 2).reshape(B * L, d)  # (T, d)
         y = self.c_proj(o2)
-        if lora is not None:
-            y = lora(self.layer, ATTN_PROJ, o2, y)
+        if adapters is not None:
+            y = adapters.lora(self.layer, ATTN_PROJ, o2, y)
         return y.view(B, L, d)
 
     def _cached_kv(self, attn: AttnBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -105,16 +112,18 @@ class MLP(nn.Module):
         self.c_proj = Conv1D(cfg.n_inner, cfg.n_embd)
         self.layer, self.approximate = layer, ACTIVATIONS[cfg.activation_function]
 
-    def forward(self, x: Tensor, lora: LoRAHook | None) -> Tensor:
+    def forward(self, x: Tensor, adapters: AdapterHook | None) -> Tensor:
         B, L, d = x.shape
         x2 = x.reshape(B * L, d)  # (T, d)
         h = self.c_fc(x2)  # (T, d_ff)
-        if lora is not None:
-            h = lora(self.layer, C_FC, x2, h)
-        h = F.gelu(h, approximate=self.approximate)
-        y = self.c_proj(h)  # (T, d)
-        if lora is not None:
-            y = lora(self.layer, MLP_PROJ, h, y)
+        if adapters is not None:
+            h = adapters.lora(self.layer, C_FC, x2, h)
+        a = F.gelu(h, approximate=self.approximate)  # (T, d_ff)
+        if adapters is not None:
+            a = adapters.activation(self.layer, h, a)
+        y = self.c_proj(a)  # (T, d)
+        if adapters is not None:
+            y = adapters.lora(self.layer, MLP_PROJ, a, y)
         return y.view(B, L, d)
 
 
@@ -126,9 +135,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.mlp = MLP(cfg, layer)
 
-    def forward(self, x: Tensor, attn: AttnBatch | None, lora: LoRAHook | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), attn, lora)
-        return x + self.mlp(self.ln_2(x), lora)
+    def forward(self, x: Tensor, attn: AttnBatch | None, adapters: AdapterHook | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), attn, adapters)
+        return x + self.mlp(self.ln_2(x), adapters)
 
 
 class GPT2(nn.Module):
@@ -159,12 +168,12 @@ class GPT2(nn.Module):
         input_ids: Tensor,  # (B, L)
         positions: Tensor,  # (B, L)
         attn: AttnBatch | None = None,
-        lora: LoRAHook | None = None,
+        adapters: AdapterHook | None = None,
     ) -> Tensor:
         """Final hidden states (B, L, d), after ln_f."""
         x = self.wte(input_ids) + self.wpe(positions)  # (B, L, d)
         for block in self.h:
-            x = block(x, attn, lora)
+            x = block(x, attn, adapters)
         x = self.ln_f(x)
         return x
 

@@ -34,7 +34,7 @@ def _expect(path: Path, field: str, match: str, max_rank: int = 8) -> AdapterErr
 
 # (field, value or DELETE, the field the error must name, regex the message must match)
 CONFIG_CASES: list[tuple[str, Any, str, str]] = [
-    ("peft_type", "PREFIX_TUNING", "peft_type", "only LORA"),
+    ("peft_type", "PREFIX_TUNING", "peft_type", "serves PEFT .LORA. adapters and its own .DEU."),
     ("peft_type", DELETE, "peft_type", "missing"),
     ("task_type", "SEQ_CLS", "task_type", "one of"),
     ("use_dora", True, "use_dora", "DoRA"),

@@ -67,10 +67,10 @@ def test_put_writes_files_and_meta(store: AdapterStore) -> None:
     assert v.size_bytes == len(weights)
     assert v.sha256 == hashlib.sha256(weights).hexdigest()
     assert v.created > 0
-    assert adapter.name == v.key and len(adapter.modules) == 2 * N_LAYER
+    assert adapter.name == v.key and len(adapter.lora.modules) == 2 * N_LAYER
     loaded = store.load(v)
     assert loaded.name == v.key
-    for a, b in zip(loaded.modules, adapter.modules, strict=True):
+    for a, b in zip(loaded.lora.modules, adapter.lora.modules, strict=True):
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and a.scaling == b.scaling
     assert list((store.root / ".staging").iterdir()) == []
 
@@ -258,7 +258,7 @@ def test_put_dir_peft_saved(store: AdapterStore, tmp_path: Path) -> None:
     assert v.rank == 4 and v.target_modules == ("attn.c_attn", "mlp.c_fc")
     assert v.sha256 == hashlib.sha256((src / WEIGHTS_NAME).read_bytes()).hexdigest()
     direct = load_lora_adapter(src, name="x", base=BASE, max_rank=MAX_RANK)
-    for a, b in zip(adapter.modules, direct.modules, strict=True):
+    for a, b in zip(adapter.lora.modules, direct.modules, strict=True):
         assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and a.scaling == b.scaling
 
 
@@ -266,7 +266,7 @@ def test_put_dir_demo_adapters(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path / "s", BaseShapes.gpt2(4, 128, 512), max_rank=16)
     for src in sorted(DEMO.iterdir()):
         v, adapter = store.put_dir(src.name, src)
-        assert v.rank == 16 and len(v.target_modules) == 4 and len(adapter.modules) == 16
+        assert v.rank == 16 and len(v.target_modules) == 4 and len(adapter.lora.modules) == 16
         assert v.size_bytes == (src / WEIGHTS_NAME).stat().st_size
     assert store.names() == ["pirate", "reverse", "sort", "upper"]
 

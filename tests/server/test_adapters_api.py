@@ -281,7 +281,7 @@ BAD_CONFIGS = {
     "not-json": (b"{not json", "JSON"),
     "json-array": (b"[1, 2]", "JSON object"),
     "dora": (_config(use_dora=True), "DoRA"),
-    "prefix-tuning": (_config(peft_type="PREFIX_TUNING"), "only LORA"),
+    "prefix-tuning": (_config(peft_type="PREFIX_TUNING"), "serves PEFT 'LORA' adapters"),
     "no-peft-type": (
         json.dumps({k: v for k, v in json.loads(_config()).items() if k != "peft_type"}).encode(),
         "peft_type",

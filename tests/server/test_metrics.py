@@ -7,6 +7,7 @@ cache) on every switch.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -142,8 +143,16 @@ def test_hot_swap_counter_counts_the_reupload(client: TestClient) -> None:
 
 def test_lora_requests_info_has_vllm_labels(client: TestClient) -> None:
     greedy_text(client, "reverse")
-    info = [s for s in metric_samples(client) if s.name == "hotlora_lora_requests_info"]
-    assert len(info) == 1
+    # The loop refreshes its gauges after the step that finished the request, which may run
+    # just after the response went out: wait (bounded) for the idle sample.
+    deadline = time.monotonic() + 10
+    while True:
+        info = [s for s in metric_samples(client) if s.name == "hotlora_lora_requests_info"]
+        assert len(info) == 1
+        idle = info[0].labels["running_lora_adapters"] == ""
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     labels = info[0].labels
     assert set(labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
     assert labels["max_lora"] == "1"
