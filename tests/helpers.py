@@ -106,3 +106,22 @@ def save_deu(
         lora = load_lora_adapter(lora_dir, name=name, base=base, max_rank=64)
     save_adapter(path, Adapter(name, lora, deu))
     return path
+
+
+def hf_with_deu(model: Any, deu: Any) -> Any:
+    """A copy of an HF GPT-2 (or PeftModel) whose MLP activations add gain * D(h), D from the
+    independent textbook reference (kernels.reference), not from the code under test."""
+    import copy
+
+    from kernels.reference import deu_unit_reference
+
+    model = copy.deepcopy(model)
+    gpt2 = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for layer in deu.config.layers:
+        params = deu.neuron_params(layer)  # (6, d_ff)
+
+        def hook(_: Any, inputs: tuple[torch.Tensor], out: torch.Tensor, p: Any = params) -> Any:
+            return out + p[5] * deu_unit_reference(inputs[0], p)
+
+        gpt2.transformer.h[layer].mlp.act.register_forward_hook(hook)
+    return model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import torch
 
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS, TASKS, heldout
 from server.engine import Engine, EngineConfig, SamplingParams
+from tests.helpers import hf_with_deu
 
 N = 50  # held-out prompts per task
 
@@ -71,6 +74,43 @@ def test_train_script_writes_an_adapter_peft_loads(tmp_path: Path) -> None:
     torch.testing.assert_close(
         engine.prompt_logits([ids], ["upper"])[0], want, rtol=1e-4, atol=1e-4
     )
+
+
+@pytest.mark.parametrize("kind", ["deu", "lora+deu"])
+def test_train_script_writes_a_deu_adapter_the_engine_serves_exactly(
+    tmp_path: Path, kind: str
+) -> None:
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from adapters.adapter import load_adapter
+    from adapters.format import BaseShapes
+    from adapters.train import main
+
+    out = tmp_path / kind
+    argv = ["--base", str(DEMO_MODEL), "--task", "upper", "--out", str(out), "--kind", kind]
+    main([*argv, "--steps", "4", "--rank", "2", "--layers", "1", "3", "--group-size", "4"])
+    adapter = load_adapter(out, name="x", base=BaseShapes.gpt2(4, 128), max_rank=2)
+    assert adapter.kind == kind and adapter.deu is not None
+    assert adapter.deu.config.layers == (1, 3) and adapter.deu.config.group_size == 4
+    assert all(bool(p[5].abs().sum() > 0) for p in adapter.deu.params.values())  # it trained
+    hf = GPT2LMHeadModel.from_pretrained(DEMO_MODEL).eval()
+    if kind == "lora+deu":
+        lora_dir = tmp_path / "lora-part"  # PEFT reads the embedded LoRA config on its own
+        lora_dir.mkdir()
+        config = json.loads((out / "adapter_config.json").read_text())["lora"]
+        (lora_dir / "adapter_config.json").write_text(json.dumps(config))
+        shutil.copy(out / "adapter_model.safetensors", lora_dir)
+        hf = PeftModel.from_pretrained(hf, lora_dir).eval()
+    reference = hf_with_deu(hf, adapter.deu)
+    engine = Engine.from_pretrained(
+        DEMO_MODEL, EngineConfig(max_batch=2, max_adapters=1, max_rank=2)
+    )
+    engine.add_adapter("x", out)
+    ids = engine.encode("in: abc\nout:")
+    with torch.no_grad():
+        want = reference(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(engine.prompt_logits([ids], ["x"])[0], want, rtol=1e-4, atol=1e-4)
 
 
 def test_cli_demo_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:

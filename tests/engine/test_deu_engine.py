@@ -4,7 +4,6 @@ all four row kinds (base, LoRA, DEU, LoRA+DEU)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +12,8 @@ import torch
 
 from adapters.errors import AdapterError
 from adapters.format import BaseShapes
-from kernels.reference import deu_unit_reference
 from server.engine import Engine, EngineConfig, EngineError, SamplingParams
-from tests.helpers import make_hf_model, make_peft_adapter, random_deu, save_deu
+from tests.helpers import hf_with_deu, make_hf_model, make_peft_adapter, random_deu, save_deu
 
 N_LAYER, N_EMBD = 3, 48
 D_FF = 4 * N_EMBD
@@ -68,20 +66,6 @@ def _prompts(n: int, seed: int = 0) -> list[list[int]]:
     ]
 
 
-def _with_deu_activation(model: Any, deu: Any) -> Any:
-    """A copy of an HF GPT-2 (or PeftModel) whose MLP activations add gain * D_ref(h)."""
-    model = copy.deepcopy(model)
-    gpt2 = model.get_base_model() if hasattr(model, "get_base_model") else model
-    for layer in deu.config.layers:
-        params = deu.neuron_params(layer)  # (6, d_ff)
-
-        def hook(_: Any, inputs: tuple[torch.Tensor], out: torch.Tensor, p: Any = params) -> Any:
-            return out + p[5] * deu_unit_reference(inputs[0], p)
-
-        gpt2.transformer.h[layer].mlp.act.register_forward_hook(hook)
-    return model
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_equal_hf_with_reference_activation(
     variant: str,
@@ -90,7 +74,7 @@ def test_logits_equal_hf_with_reference_activation(
     adapters: dict[str, tuple[Path, Any]],
 ) -> None:
     path, deu = adapters[variant]
-    reference = _with_deu_activation(lora[1] if VARIANTS[variant][2] else base[1], deu)
+    reference = hf_with_deu(lora[1] if VARIANTS[variant][2] else base[1], deu)
     engine = _engine(base[0])
     engine.add_adapter(variant, path)
     prompts = _prompts(4, seed=1)
