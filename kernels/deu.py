@@ -10,8 +10,9 @@ over-, critically and under-damped regimes: with q = m^2 - c/a and r = sqrt(|q|)
     C(t) = cosh(r t) if q > 0 else cos(r t)        S(t) = sinh(r t) / r or sin(r t) / r
     y(t) = e^(m t) (c1 C + c2 S) + H(t) (1 - e^(m t) (C - m S)) / c
 
-(S -> t as r -> 0: for |r t| < S_SERIES_RT, S is its Taylor series in q t^2, whose derivative in
-q is exact; the quotient's d/dr = (t C - S) / r cancels, and r, floored at R_MIN, carries the
+(S -> t as r -> 0: sinh comes from expm1, so the quotient's value stays exact down to the floor
+R_MIN of r. When gradients are taken, S for |r t| < S_SERIES_RT is its Taylor series in q t^2,
+whose derivative in q is exact, where the quotient's d/dr = (t C - S) / r cancels; r carries the
 gradient dr/dq = +-1 / (2 r) through the floor.) A DEU adapter adds g * D(h) to GPT-2's GELU.
 
 Safety for every finite input and parameter: a is clamped to [A_MIN, A_MAX], the ratios b/a and
@@ -91,25 +92,28 @@ def deu_eval(x: Tensor, planes: Tensor) -> Tensor:
     t = x.to(planes.dtype).clamp(-CLIP, CLIP)
     rt = r * t
     cos, sin = torch.cos(rt), torch.sin(rt)
-    # cosh and sinh from exp, as the Triton kernel must: torch's CPU exp / sin / cos give the
-    # same bits at any batch shape, its cosh / sinh do not (scalar tails), which would break
-    # "a row in a mixed batch == the row alone". |rt| <= 32, and the series below replaces the
-    # difference where it cancels.
-    e_pos, e_neg = torch.exp(rt), torch.exp(-rt)
+    # cosh - 1 and sinh from expm1: no cancellation at small r t, and (unlike torch's CPU cosh /
+    # sinh, whose scalar tails round differently) the same bits at any batch shape, so a row in
+    # a mixed batch equals the row alone. |rt| <= 32.
+    ep, en = torch.expm1(rt), torch.expm1(-rt)
     # hyp is exactly 0 or 1, so these select one regime; cosh >= 1 >= |cos| keeps the
     # blend's rounding relative to the selected value.
-    C = cos + hyp * (0.5 * (e_pos + e_neg) - cos)
-    S = (sin + hyp * (0.5 * (e_pos - e_neg) - sin)) * inv_r
-    # Near r = 0 the quotient's gradient in r cancels catastrophically (and q's reaches it through
-    # 1 / (2 r)); the series in z = +-(r t)^2 = q t^2 has exact derivatives (see S_SERIES_RT).
-    z = (2.0 * hyp - 1.0) * (rt * rt)
-    series = t * (1.0 + z / 6 * (1.0 + z / 20 * (1.0 + z / 42 * (1.0 + z / 72 * (1.0 + z / 110)))))
-    S = torch.where(rt.abs() < S_SERIES_RT, series, S)
+    C = torch.addcmul(cos, hyp, 0.5 * (ep + en) + 1.0 - cos)
+    S = torch.addcmul(sin, hyp, 0.5 * (ep - en) - sin) * inv_r
+    if torch.is_grad_enabled() and (x.requires_grad or planes.requires_grad):
+        # Values are exact either way, but near r = 0 the quotient's gradient in r cancels
+        # catastrophically (and q's reaches it through 1 / (2 r)); the series in
+        # z = +-(r t)^2 = q t^2 has exact derivatives (see S_SERIES_RT). Serving skips it.
+        z = (2.0 * hyp - 1.0) * (rt * rt)
+        series = t * (
+            1.0 + z / 6 * (1.0 + z / 20 * (1.0 + z / 42 * (1.0 + z / 72 * (1.0 + z / 110))))
+        )
+        S = torch.where(rt.abs() < S_SERIES_RT, series, S)
     em = torch.exp(m * t)
     step = (t > 0).to(t.dtype)
     # c1 E + c2 F + H (1 - E + m F) / c with E = e^(mt) C, F = e^(mt) S, grouped by E and F.
     k_c = step * inv_c
-    y = k_c + em * (C * (c1 - k_c) + S * (c2 + step * m_inv_c))
+    y = k_c + em * (C * (c1 - k_c) + S * torch.addcmul(c2, step, m_inv_c))
     return y.clamp(-OUT_MAX, OUT_MAX)
 
 
