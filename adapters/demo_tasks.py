@@ -116,6 +116,10 @@ DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_MODEL = DEMO_DIR / "hotlora-demo"
 DEMO_ADAPTERS = DEMO_DIR / "adapters"
 DEMO_TASKS = ("reverse", "upper", "sort", "pirate")
+# The shipped DEU adapter (written by `python -m adapters.deu_study --ship`) -> its task.
+DEMO_DEU = {"upper-deu": "upper"}
+# Every shipped adapter -> the task it solves.
+DEMO_ADAPTER_TASKS = {**{t: t for t in DEMO_TASKS}, **DEMO_DEU}
 
 
 def eos_id(tokenizer: Tokenizer) -> int:

@@ -3,10 +3,12 @@
     y[t, f] += g[k, f] * D[k, f](h[t, f])        for every token t with k = token_slots[t] >= 0
 
 D is kernels/deu.py's unit, evaluated from the slot's planes (PLANES, stored as a (N_PLANES, S, F)
-float32 bank) with exactly `deu_eval`'s formula in fp32. The op is elementwise, so there is no
-sorting or tiling by slot: each program owns a (BLOCK_T tokens, BLOCK_F features) tile and every
-token gathers its own slot's planes. Rows with slot -1 are never written (bit-exact), a tile whose
-tokens all have slot -1 loads nothing else, and row and slot offsets are int64.
+float32 bank) with `deu_eval`'s formula in fp32, except that cosh and sinh come from exp and S from
+its series for small |r t| (deu_eval uses expm1 there): the two agree to rounding. The op is
+elementwise, so there is no sorting or tiling by slot: each program owns a (BLOCK_T tokens, BLOCK_F
+features) tile and every token gathers its own slot's planes. Rows with slot -1 are never written
+(bit-exact), a tile whose tokens all have slot -1 loads nothing else, and row and slot offsets are
+int64.
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ OUT_DIR=${OUT:-load_tests/results/gpu}
 STEPS=(
   "200 pytest_gpu       $PY -m pytest -m gpu tests/kernels -q -p no:cacheprovider"
   "100 kernels          $PY load_tests/bench_gpu_kernels.py --json $OUT_DIR/gpu_kernels.json"
-  "100 offline_gpu      $PY load_tests/bench_offline.py --device cuda --dtype float16 --skip-peft --json $OUT_DIR/offline_gpu.json"
+  "150 offline_gpu      $PY load_tests/bench_offline.py --device cuda --dtype float16 --skip-peft --json $OUT_DIR/offline_gpu.json"
   "60  offline_smoke    $PY load_tests/bench_offline.py --smoke --skip-peft"
 )
 
@@ -42,7 +42,7 @@ if [[ $DRY == 1 ]]; then
   set -e
   $PY load_tests/bench_gpu_kernels.py --dry-run
   $PY load_tests/bench_gpu_kernels.py --help > /dev/null
-  $PY -c "import kernels, kernels.lora, server.engine; print('imports ok')"
+  $PY -c "import kernels, kernels.lora, kernels.deu, server.engine; print('imports ok')"
   echo "gpu_check.sh --dry-run: ok"
   exit 0
 fi

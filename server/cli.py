@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS, TASKS, prompt_for
+from adapters.demo_tasks import DEMO_ADAPTER_TASKS, DEMO_ADAPTERS, DEMO_MODEL, TASKS, prompt_for
 
 log = logging.getLogger("hotlora")
 
@@ -18,13 +18,14 @@ def _demo(args: argparse.Namespace) -> int:
 
     engine = Engine.from_pretrained(args.model, EngineConfig(max_batch=64))
     names = []
-    for task in DEMO_TASKS:
-        path = DEMO_ADAPTERS / task
+    for name in DEMO_ADAPTER_TASKS:
+        path = DEMO_ADAPTERS / name
         if path.is_dir():
-            engine.add_adapter(task, path)
-            names.append(task)
+            engine.add_adapter(name, path)
+            names.append(name)
+    task = {n: TASKS[t] for n, t in DEMO_ADAPTER_TASKS.items()}
     words = args.words or ["hotlora", "adapter", "4719", "serving", "80512"]
-    rows = [(w, n) for w in words for n in [None, *names] if n is None or TASKS[n].accepts(w)]
+    rows = [(w, n) for w in words for n in [None, *names] if n is None or task[n].accepts(w)]
     outs = engine.generate(
         [prompt_for(w) for w, _ in rows],
         [name for _, name in rows],
@@ -38,8 +39,8 @@ def _demo(args: argparse.Namespace) -> int:
         label = name or "base"
         check = ""
         if name is not None:
-            ok = out.text.strip() == TASKS[name].answer(word)
-            check = "ok" if ok else f"expected {TASKS[name].answer(word)!r}"
+            ok = out.text.strip() == task[name].answer(word)
+            check = "ok" if ok else f"expected {task[name].answer(word)!r}"
         print(f"  {label:<{width}}  in: {word:<10} out:{out.text!r:<22} {check}")
     return 0
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from adapters.adapter import Adapter
 from adapters.cache import ByteLRU
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS
+from adapters.demo_tasks import DEMO_ADAPTER_TASKS, DEMO_ADAPTERS, DEMO_MODEL
 from adapters.store import AdapterStore
 from server.config import Settings
 from server.engine import Engine, EngineConfig
@@ -41,9 +41,11 @@ def build_state(settings: Settings) -> AppState:
         settings.adapter_store, engine.base_shapes, settings.max_rank, settings.max_upload_bytes
     )
     if settings.seed_demo_adapters and settings.model.resolve() == DEMO_MODEL and not store.names():
-        for task in DEMO_TASKS:
-            store.put_dir(task, DEMO_ADAPTERS / task)
-        log.info("adapter store was empty: added the demo adapters %s", ", ".join(DEMO_TASKS))
+        for name in DEMO_ADAPTER_TASKS:
+            store.put_dir(name, DEMO_ADAPTERS / name)
+        log.info(
+            "adapter store was empty: added the demo adapters %s", ", ".join(DEMO_ADAPTER_TASKS)
+        )
     metrics = Metrics(max_lora=settings.max_adapters)
     cache: ByteLRU[str, Adapter] = ByteLRU(settings.cpu_cache_bytes)
     loop = EngineLoop(

@@ -125,3 +125,12 @@ def hf_with_deu(model: Any, deu: Any) -> Any:
 
         gpt2.transformer.h[layer].mlp.act.register_forward_hook(hook)
     return model
+
+
+def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
+    """n byte-token prompts of 3-13 tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        torch.randint(0, 256, (int(k),), generator=gen).tolist()
+        for k in torch.randint(3, 14, (n,), generator=gen)
+    ]

@@ -9,20 +9,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS, TASKS, heldout
+from adapters.demo_tasks import (
+    DEMO_ADAPTER_TASKS,
+    DEMO_ADAPTERS,
+    DEMO_MODEL,
+    DEMO_TASKS,
+    TASKS,
+    heldout,
+)
 from server.engine import Engine, EngineConfig, SamplingParams
 from tests.helpers import hf_with_deu
 
 N = 50  # held-out prompts per task
 
 
+# Held-out accuracy each shipped adapter must reach: the LoRA adapters solve their tasks; the DEU
+# adapter measured 50% on 200 prompts (README, "DEU adapters"), far above the base's 0%.
+MIN_ACCURACY = {**{name: 0.9 for name in DEMO_TASKS}, "upper-deu": 0.3}
+
+
 def test_demo_adapters_reach_accuracy_inside_one_mixed_batch() -> None:
+    names = list(DEMO_ADAPTER_TASKS)
     rows: list[tuple[str, str | None, str]] = []  # (prompt, adapter, expected)
-    for name in DEMO_TASKS:
-        for prompt, want in heldout(TASKS[name], N):
+    for name in names:
+        for prompt, want in heldout(TASKS[DEMO_ADAPTER_TASKS[name]], N):
             rows += [(prompt, name, want), (prompt, None, want)]
     engine = Engine.from_pretrained(DEMO_MODEL, EngineConfig(max_batch=len(rows), max_rank=16))
-    for name in DEMO_TASKS:
+    for name in names:
         engine.add_adapter(name, DEMO_ADAPTERS / name)
     outs = engine.generate(
         [p for p, _, _ in rows],
@@ -31,11 +44,12 @@ def test_demo_adapters_reach_accuracy_inside_one_mixed_batch() -> None:
     )
     solved: dict[tuple[str, bool], int] = {}
     for i, ((_, adapter, want), out) in enumerate(zip(rows, outs, strict=True)):
-        name = DEMO_TASKS[i // (2 * N)]
+        name = names[i // (2 * N)]
         key = (name, adapter is not None)
         solved[key] = solved.get(key, 0) + (out.text.strip() == want)
-    for name in DEMO_TASKS:
-        assert solved[(name, True)] / N >= 0.9, f"{name} adapter: {solved[(name, True)]}/{N}"
+    for name in names:
+        got = solved[(name, True)]
+        assert got / N >= MIN_ACCURACY[name], f"{name} adapter: {got}/{N}"
         assert solved[(name, False)] / N <= 0.1, (
             f"base alone solves {name}: {solved[(name, False)]}/{N}"
         )
@@ -118,7 +132,11 @@ def test_cli_demo_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
 
     assert main(["demo", "hello", "2718"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    word_tasks = [n for n in DEMO_TASKS if TASKS[n].accepts("hello")]
-    assert len(word_tasks) == len(DEMO_TASKS) - 1 and TASKS["sort"].accepts("2718")
-    assert len(lines) == 1 + (1 + len(word_tasks)) + 2  # header, hello rows, 2718 rows
-    assert sum(line.rstrip().endswith(" ok") for line in lines) == len(DEMO_TASKS)
+    word = [n for n, t in DEMO_ADAPTER_TASKS.items() if TASKS[t].accepts("hello")]
+    assert len(word) == len(DEMO_ADAPTER_TASKS) - 1 and TASKS["sort"].accepts("2718")
+    assert len(lines) == 1 + (1 + len(word)) + 2  # header, hello rows, 2718 rows
+    rows = {line.split()[0] + " " + line.split()[2]: line.rstrip() for line in lines[1:]}
+    for name in DEMO_TASKS:  # every LoRA demo adapter solves both words it accepts
+        word_in = "2718" if name == "sort" else "hello"
+        assert rows[f"{name} {word_in}"].endswith(" ok"), rows
+    assert "upper-deu hello" in rows and "base hello" in rows

@@ -13,7 +13,14 @@ import torch
 from adapters.errors import AdapterError
 from adapters.format import BaseShapes
 from server.engine import Engine, EngineConfig, EngineError, SamplingParams
-from tests.helpers import hf_with_deu, make_hf_model, make_peft_adapter, random_deu, save_deu
+from tests.helpers import (
+    hf_with_deu,
+    make_hf_model,
+    make_peft_adapter,
+    random_deu,
+    random_prompts,
+    save_deu,
+)
 
 N_LAYER, N_EMBD = 3, 48
 D_FF = 4 * N_EMBD
@@ -58,14 +65,6 @@ def _engine(base_dir: Path) -> Engine:
     return Engine.from_pretrained(base_dir, EngineConfig(max_batch=16, max_adapters=8, max_rank=8))
 
 
-def _prompts(n: int, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.randint(0, 256, (int(k),), generator=gen).tolist()
-        for k in torch.randint(3, 14, (n,), generator=gen)
-    ]
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_equal_hf_with_reference_activation(
     variant: str,
@@ -77,7 +76,7 @@ def test_logits_equal_hf_with_reference_activation(
     reference = hf_with_deu(lora[1] if VARIANTS[variant][2] else base[1], deu)
     engine = _engine(base[0])
     engine.add_adapter(variant, path)
-    prompts = _prompts(4, seed=1)
+    prompts = random_prompts(4, seed=1)
     got = engine.prompt_logits(prompts, [variant] * len(prompts))
     with torch.no_grad():
         for ids, logits in zip(prompts, got, strict=True):
@@ -91,7 +90,7 @@ def test_zero_gain_is_the_base_model_exactly(base: tuple[Path, Any], tmp_path: P
         p[5].zero_()
     engine = _engine(base[0])
     engine.add_adapter("zero", save_deu(tmp_path / "zero", deu, BASE))
-    prompts = _prompts(3, seed=2)
+    prompts = random_prompts(3, seed=2)
     plain = engine.prompt_logits(prompts)
     adapted = engine.prompt_logits(prompts, ["zero"] * len(prompts))
     for a, b in zip(plain, adapted, strict=True):
@@ -117,7 +116,7 @@ def test_mixed_batch_of_all_four_kinds_equals_each_row_alone(
     engine = _mixed_engine(base[0], lora[0], adapters)
     kinds = [None, "lora", "deu", "lora+deu", "deu-grouped", "deu-layer-subset"]
     names = [kinds[i % len(kinds)] for i in range(12)]
-    prompts = _prompts(len(names), seed=3)
+    prompts = random_prompts(len(names), seed=3)
     mixed = engine.prompt_logits(prompts, names)
     for p, name, got in zip(prompts, names, mixed, strict=True):
         (solo,) = engine.prompt_logits([p], [name])
@@ -134,7 +133,7 @@ def test_merged_lora_deu_serves_like_unmerged_and_deu_alone_cannot_merge(
 ) -> None:
     engine = _mixed_engine(base[0], lora[0], adapters)
     names = [None, "lora+deu", "deu", "lora", "lora+deu"]
-    prompts = _prompts(len(names), seed=4)
+    prompts = random_prompts(len(names), seed=4)
     before = engine.prompt_logits(prompts, names)
     engine.merge_adapter("lora+deu")
     after = engine.prompt_logits(prompts, names)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, SamplingParams
-from tests.helpers import make_hf_model, make_peft_adapter
+from tests.helpers import make_hf_model, make_peft_adapter, random_prompts
 
 # Each is a peft LoraConfig variant hotlora must reproduce exactly.
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -48,14 +48,6 @@ def _engine(base_dir: Path) -> Engine:
     return Engine.from_pretrained(base_dir, EngineConfig(max_batch=16, max_adapters=8, max_rank=8))
 
 
-def _prompts(n: int, seed: int = 0) -> list[list[int]]:
-    gen = torch.Generator().manual_seed(seed)
-    return [
-        torch.randint(0, 256, (int(k),), generator=gen).tolist()
-        for k in torch.randint(3, 14, (n,), generator=gen)
-    ]
-
-
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_logits_equal_peft(
     base: tuple[Path, Any], adapters: dict[str, tuple[Path, Any]], variant: str
@@ -63,7 +55,7 @@ def test_logits_equal_peft(
     path, peft_model = adapters[variant]
     engine = _engine(base[0])
     engine.add_adapter(variant, path)
-    prompts = _prompts(3)
+    prompts = random_prompts(3)
     got = engine.prompt_logits(prompts, [variant] * 3)
     for p, g in zip(prompts, got, strict=True):
         with torch.no_grad():
@@ -83,7 +75,7 @@ def test_mixed_batch_rows_equal_solo_rows(
     for name in names:
         engine.add_adapter(name, adapters[name][0])
     rows: list[str | None] = [None, *names, None, *names[:3]]  # base rows interleaved, repeats
-    prompts = _prompts(len(rows), seed=3)
+    prompts = random_prompts(len(rows), seed=3)
     mixed = engine.prompt_logits(prompts, rows)
     for p, a, m in zip(prompts, rows, mixed, strict=True):
         torch.testing.assert_close(m, engine.prompt_logits([p], [a])[0], **TOL)
@@ -100,7 +92,7 @@ def test_mixed_batch_greedy_equals_peft_generate(
     names = ["all_targets", "rslora", "patterns", "regex"]
     for name in names:
         engine.add_adapter(name, adapters[name][0])
-    prompts = _prompts(4, seed=5)
+    prompts = random_prompts(4, seed=5)
     outs = engine.generate(
         prompts, names, SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     )
@@ -125,7 +117,7 @@ def test_merged_adapter_rows_equal_unmerged(
     for name in names:
         engine.add_adapter(name, adapters[name][0])
     rows: list[str | None] = ["all_targets", None, "patterns", "all_targets", "subset", None]
-    prompts = _prompts(len(rows), seed=7)
+    prompts = random_prompts(len(rows), seed=7)
     before = engine.prompt_logits(prompts, rows)
     pristine = {k: v.clone() for k, v in engine.model.state_dict().items()}
     engine.merge_adapter("all_targets")
@@ -150,7 +142,7 @@ def test_removed_adapter_frees_slot_and_rejected_adapter_changes_nothing(
 
     engine = _engine(base[0])
     engine.add_adapter("a", adapters["all_targets"][0])
-    prompts = _prompts(2, seed=9)
+    prompts = random_prompts(2, seed=9)
     before = engine.prompt_logits(prompts, ["a", None])
     bad = tmp_path / "bad"
     bad.mkdir()

@@ -457,9 +457,10 @@ def test_apply_patterns(pattern: str, T: int, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("strategy", ["gathered", "runs"])
 @pytest.mark.parametrize("pattern", [p for p in PATTERNS if p != "none"])
 def test_each_strategy_on_each_pattern(strategy: str, pattern: str) -> None:
-    """Both torch strategies are right for every pattern, whichever deu_apply would pick."""
-    S = 24 if pattern == "distinct" else 5
-    y, h, params, slots = make_op_case(24, 40, S, pattern, torch.float32, seed=7)
+    """Both torch strategies are right for every pattern, whichever deu_apply would pick; 70
+    tokens cross the CPU path's 32-row chunks mid-run."""
+    S = 70 if pattern == "distinct" else 5
+    y, h, params, slots = make_op_case(70, 40, S, pattern, torch.float32, seed=7)
     meta = build_lora_meta(slots, "cpu")
     out = y.clone()
     (_apply_gathered if strategy == "gathered" else _apply_runs)(out, h, make_bank(params), meta)

@@ -8,6 +8,7 @@ byte) with the demo adapters seeded into a fresh store, so greedy outputs are kn
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from functools import cache
@@ -23,7 +24,7 @@ from server.config import Settings
 from server.main import create_app
 
 DEMO = "hotlora-demo"
-DEMO_NAMES = ("pirate", "reverse", "sort", "upper")
+DEMO_NAMES = ("pirate", "reverse", "sort", "upper", "upper-deu")
 PROMPT = prompt_for("hello")  # "in: hello\nout:"
 # Greedy completions of PROMPT (sort gets a digit prompt, see SORT_PROMPT).
 EXPECTED = {
@@ -159,6 +160,21 @@ def metric_samples(client: TestClient) -> list[Sample]:
     r = client.get("/metrics")
     assert r.status_code == 200, r.text
     return [s for fam in text_string_to_metric_families(r.text) for s in fam.samples]
+
+
+def idle_metric_samples(client: TestClient, timeout: float = 10.0) -> list[Sample]:
+    """Samples once the loop's gauges show no running or waiting request. The loop refreshes
+    them after the step that finished a request, which may run just after its response went
+    out, so a scrape right after the last response can still see it running."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = metric_samples(client)
+        busy = metric(samples, "hotlora_num_requests_running") + metric(
+            samples, "hotlora_num_requests_waiting"
+        )
+        if busy == 0 or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.02)
 
 
 def metric(samples: list[Sample], name: str, **labels: str) -> float:

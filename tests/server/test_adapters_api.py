@@ -503,14 +503,14 @@ def test_a_restarted_server_lists_and_serves_everything_stored(tmp_path: Path) -
 
     with serve(settings) as second:
         assert second.get("/v1/adapters").json() == listing  # the deleted demo stays deleted
-        assert sorted(_names(second)) == ["keep", "reverse", "sort", "upper", "vl"]
+        assert sorted(_names(second)) == ["keep", "reverse", "sort", "upper", "upper-deu", "vl"]
         detail = second.get("/v1/adapters/keep").json()
         assert detail["versions"] == [1, 2]
         assert greedy_text(second, "keep") == EXPECTED["upper"]
         assert greedy_text(second, "vl") == EXPECTED["upper"]
         assert greedy_text(second, "reverse") == EXPECTED["reverse"]
         ids = [m["id"] for m in second.get("/v1/models").json()["data"]]
-        assert ids == [DEMO, "keep", "reverse", "sort", "upper", "vl"]
+        assert ids == [DEMO, "keep", "reverse", "sort", "upper", "upper-deu", "vl"]
         assert upload(second, "keep", *demo_files("sort")).json()["version"] == 3
 
 

@@ -100,7 +100,7 @@ def test_mutations_with_the_admin_key_succeed(env: Env) -> None:
     names = [
         a["name"] for a in env.client.get("/v1/adapters", headers=bearer(ADMIN)).json()["data"]
     ]
-    assert names == ["by-admin", "loaded-by-admin", "reverse", "upper"]
+    assert names == ["by-admin", "loaded-by-admin", "reverse", "upper", "upper-deu"]
     r = complete(env.client, "loaded-by-admin", headers=bearer(API_KEYS[1]))
     assert r.json()["choices"][0]["text"] == EXPECTED["upper"]
 

@@ -7,7 +7,6 @@ cache) on every switch.
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -20,6 +19,7 @@ from tests.server.support import (
     complete,
     demo_files,
     greedy_text,
+    idle_metric_samples,
     make_settings,
     metric,
     metric_samples,
@@ -92,7 +92,7 @@ def test_token_and_request_counters_match_the_usage(client: TestClient) -> None:
     before = metric_samples(client)
     body = complete(client, "upper").json()
     short = complete(client, "upper", max_tokens=2).json()
-    after = metric_samples(client)
+    after = idle_metric_samples(client)
 
     def delta(name: str, **labels: str) -> float:
         return metric(after, name, **labels) - metric(before, name, **labels)
@@ -143,16 +143,8 @@ def test_hot_swap_counter_counts_the_reupload(client: TestClient) -> None:
 
 def test_lora_requests_info_has_vllm_labels(client: TestClient) -> None:
     greedy_text(client, "reverse")
-    # The loop refreshes its gauges after the step that finished the request, which may run
-    # just after the response went out: wait (bounded) for the idle sample.
-    deadline = time.monotonic() + 10
-    while True:
-        info = [s for s in metric_samples(client) if s.name == "hotlora_lora_requests_info"]
-        assert len(info) == 1
-        idle = info[0].labels["running_lora_adapters"] == ""
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    info = [s for s in idle_metric_samples(client) if s.name == "hotlora_lora_requests_info"]
+    assert len(info) == 1
     labels = info[0].labels
     assert set(labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
     assert labels["max_lora"] == "1"
