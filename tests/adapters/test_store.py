@@ -266,9 +266,14 @@ def test_put_dir_demo_adapters(tmp_path: Path) -> None:
     store = AdapterStore(tmp_path / "s", BaseShapes.gpt2(4, 128, 512), max_rank=16)
     for src in sorted(DEMO.iterdir()):
         v, adapter = store.put_dir(src.name, src)
-        assert v.rank == 16 and len(v.target_modules) == 4 and len(adapter.lora.modules) == 16
+        if src.name == "upper-deu":
+            assert v.kind == "deu" and v.rank == 0 and v.target_modules == ()
+            assert adapter.lora is None and adapter.deu is not None
+        else:
+            assert v.kind == "lora" and v.rank == 16 and len(v.target_modules) == 4
+            assert adapter.lora is not None and len(adapter.lora.modules) == 16
         assert v.size_bytes == (src / WEIGHTS_NAME).stat().st_size
-    assert store.names() == ["pirate", "reverse", "sort", "upper"]
+    assert store.names() == ["pirate", "reverse", "sort", "upper", "upper-deu"]
 
 
 def test_put_dir_refusals(store: AdapterStore, tmp_path: Path) -> None:
