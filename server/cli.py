@@ -18,11 +18,11 @@ def _demo(args: argparse.Namespace) -> int:
 
     engine = Engine.from_pretrained(args.model, EngineConfig(max_batch=64))
     names = []
-    for name in DEMO_ADAPTER_TASKS:
-        path = DEMO_ADAPTERS / name
+    for adapter in DEMO_ADAPTER_TASKS:
+        path = DEMO_ADAPTERS / adapter
         if path.is_dir():
-            engine.add_adapter(name, path)
-            names.append(name)
+            engine.add_adapter(adapter, path)
+            names.append(adapter)
     task = {n: TASKS[t] for n, t in DEMO_ADAPTER_TASKS.items()}
     words = args.words or ["hotlora", "adapter", "4719", "serving", "80512"]
     rows = [(w, n) for w in words for n in [None, *names] if n is None or task[n].accepts(w)]
