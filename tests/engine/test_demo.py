@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -77,17 +78,19 @@ def test_train_script_writes_an_adapter_peft_loads(tmp_path: Path) -> None:
         ]
     )
     hf = GPT2LMHeadModel.from_pretrained(DEMO_MODEL).eval()
-    peft_model = PeftModel.from_pretrained(hf, out).eval()
+    assert_served_like(out, PeftModel.from_pretrained(hf, out).eval())
+
+
+def assert_served_like(adapter_dir: Path, reference: Any) -> None:
+    """The engine's logits with the adapter equal the reference HF model's, on one prompt."""
     engine = Engine.from_pretrained(
         DEMO_MODEL, EngineConfig(max_batch=2, max_adapters=1, max_rank=2)
     )
-    engine.add_adapter("upper", out)
+    engine.add_adapter("x", adapter_dir)
     ids = engine.encode("in: abc\nout:")
     with torch.no_grad():
-        want = peft_model(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(
-        engine.prompt_logits([ids], ["upper"])[0], want, rtol=1e-4, atol=1e-4
-    )
+        want = reference(torch.tensor([ids])).logits[0]
+    torch.testing.assert_close(engine.prompt_logits([ids], ["x"])[0], want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["deu", "lora+deu"])
@@ -116,15 +119,7 @@ def test_train_script_writes_a_deu_adapter_the_engine_serves_exactly(
         (lora_dir / "adapter_config.json").write_text(json.dumps(config))
         shutil.copy(out / "adapter_model.safetensors", lora_dir)
         hf = PeftModel.from_pretrained(hf, lora_dir).eval()
-    reference = hf_with_deu(hf, adapter.deu)
-    engine = Engine.from_pretrained(
-        DEMO_MODEL, EngineConfig(max_batch=2, max_adapters=1, max_rank=2)
-    )
-    engine.add_adapter("x", out)
-    ids = engine.encode("in: abc\nout:")
-    with torch.no_grad():
-        want = reference(torch.tensor([ids])).logits[0]
-    torch.testing.assert_close(engine.prompt_logits([ids], ["x"])[0], want, rtol=1e-4, atol=1e-4)
+    assert_served_like(out, hf_with_deu(hf, adapter.deu))
 
 
 def test_cli_demo_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
