@@ -165,10 +165,12 @@ def test_streaming_a_list_of_prompts_indexes_the_chunks(client: TestClient) -> N
 def test_a_mixed_concurrent_batch_gives_every_solo_result(client: TestClient) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
-    jobs = [*EXPECTED.items(), *EXPECTED.items()]
+    # Base, LoRA and DEU rows together (the DEU demo adapter solves "adapter", see its README row).
+    deu = ("upper-deu", prompt_for("adapter"), " ADAPTER")
+    jobs = [*((m, PROMPT, t) for m, t in EXPECTED.items()), deu] * 2
     with ThreadPoolExecutor(len(jobs)) as pool:
-        texts = list(pool.map(lambda job: greedy_text(client, job[0]), jobs))
-    assert texts == [want for _, want in jobs]
+        texts = list(pool.map(lambda job: greedy_text(client, job[0], job[1]), jobs))
+    assert texts == [want for _, _, want in jobs]
 
 
 # ---------------------------------------------------------------- completions: refusals
