@@ -198,10 +198,9 @@ def deu_from_file(
     return DEUAdapter(config, params)
 
 
-def deu_tensors(
-    adapter: DEUAdapter, name: str, base: BaseShapes | None = None
-) -> dict[str, Tensor]:
-    """The adapter's float32 CPU tensors under their file keys (checked against its config)."""
+def deu_tensors(adapter: DEUAdapter, name: str) -> dict[str, Tensor]:
+    """The adapter's float32 CPU tensors under their file keys (checked against its config;
+    the base's width is checked when the file is loaded)."""
     out = {}
     if sorted(adapter.params) != list(adapter.config.layers):
         raise AdapterError(
@@ -214,12 +213,6 @@ def deu_tensors(
         if p.dim() != 2 or p.shape[0] != len(PARAMS):
             raise AdapterError(
                 name, f"layer {layer}: parameters must be (6, G), got {tuple(p.shape)}", "params"
-            )
-        if base is not None and p.shape[1] * adapter.config.group_size != base.d_ff:
-            raise AdapterError(
-                name,
-                f"layer {layer}: {p.shape[1]} groups do not cover {base.d_ff} neurons",
-                "params",
             )
         for i, pname in enumerate(PARAMS):
             out[deu_key(layer, pname)] = p[i].detach().to("cpu", torch.float32).clone()  # (G,)
