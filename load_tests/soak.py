@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     if demo:
         demo_adapters = common.DEMO_MODEL.parent / "adapters"
         probe_dirs = {
-            f"probe-{t}": demo_adapters / t for t in ("reverse", "upper", "sort", "pirate")
+            f"probe-{t}": demo_adapters / t
+            for t in ("reverse", "upper", "sort", "pirate", "upper-deu")
         }
     else:
         probe_dirs = {
