@@ -132,10 +132,9 @@ class TrainableDEU(nn.Module):
         p = self.params(layer).repeat_interleave(self.group_size, dim=1)  # (6, d_ff)
         return y + deu_activation(h, p)
 
-    def to_adapter(self, base_name: str, lora: LoRAConfig | None = None) -> DEUAdapter:
-        config = DEUConfig(
-            self.layers, self.group_size, base_name, None if lora is None else lora.to_dict()
-        )
+    def to_adapter(self, base_name: str) -> DEUAdapter:
+        # A LoRA part's config is written by save_adapter from the LoRA part itself.
+        config = DEUConfig(self.layers, self.group_size, base_name)
         return DEUAdapter(
             config,
             {layer: self.params(layer).detach().float().contiguous() for layer in self.layers},
@@ -166,9 +165,7 @@ class TrainableAdapter(nn.Module):
 
     def to_adapter(self, name: str, base_name: str) -> Adapter:
         lora = None if self.lora_part is None else self.lora_part.to_adapter(name, base_name)
-        deu = None
-        if self.deu_part is not None:
-            deu = self.deu_part.to_adapter(base_name, None if lora is None else lora.config)
+        deu = None if self.deu_part is None else self.deu_part.to_adapter(base_name)
         return Adapter(name, lora, deu)
 
 

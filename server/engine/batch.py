@@ -59,19 +59,19 @@ def build_step(
     s_used = int(positions.max()) + 1
     mask = torch.arange(s_used) <= positions[:, None, :, None]  # (B, 1, L, S_used)
     lengths = [len(t) for t in tokens]
-    per_token = [
-        [s if i < n else -1 for i in range(L)] for s, n in zip(slots, lengths, strict=True)
-    ]
-    plus = [(-1 if s == merged_slot else s) for row in per_token for s in row]
-    deu = [s if i < n else -1 for s, n in zip(deu_slots, lengths, strict=True) for i in range(L)]
+
+    def per_token(row_slots: list[int]) -> list[int]:
+        """Each row's slot for each of its real tokens, -1 for its padding, flattened (B * L)."""
+        return [
+            k if i < n else -1 for k, n in zip(row_slots, lengths, strict=True) for i in range(L)
+        ]
+
+    plus = per_token([-1 if s == merged_slot else s for s in slots])
     minus = None
     if merged_slot is not None:
-        flat = [
-            (merged_slot if s != merged_slot and i < n else -1)
-            for s, n in zip(slots, lengths, strict=True)
-            for i in range(L)
-        ]
-        minus = build_lora_meta(flat, device)
+        minus = build_lora_meta(
+            per_token([-1 if s == merged_slot else merged_slot for s in slots]), device
+        )
     attn = AttnBatch(
         k_cache=kv.k,
         v_cache=kv.v,
@@ -88,5 +88,5 @@ def build_step(
         attn=attn,
         lora=build_lora_meta(plus, device),
         lora_minus=minus,
-        deu=build_lora_meta(deu, device),
+        deu=build_lora_meta(per_token(deu_slots), device),
     )
