@@ -24,10 +24,12 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
 
 from adapters.adapter import Adapter, save_adapter  # noqa: E402
 from adapters.demo_tasks import build_tokenizer  # noqa: E402
-from adapters.deu_format import DEUAdapter, DEUConfig  # noqa: E402
 from adapters.format import BaseShapes, load_lora_adapter  # noqa: E402
 from server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
 
@@ -53,27 +55,14 @@ TARGETS = ["c_attn", "c_proj", "c_fc"]
 KINDS = ("lora", "deu", "lora+deu")
 
 
-def random_deu(n_layer: int, d_ff: int, seed: int) -> DEUAdapter:
-    """Every neuron of every layer, parameters spread over all three damping regimes."""
-    gen = torch.Generator().manual_seed(seed)
-    params = {
-        layer: torch.cat(
-            [
-                0.2 + 1.8 * torch.rand(3, d_ff, generator=gen),  # a, b, c
-                0.3 * torch.randn(3, d_ff, generator=gen),  # c1, c2, gain
-            ]
-        )  # (6, d_ff)
-        for layer in range(n_layer)
-    }
-    return DEUAdapter(DEUConfig(tuple(range(n_layer)), 1, "bench"), params)
-
-
 def build_deu(root: Path, shape: dict[str, int], lora_names: list[str], rank: int) -> list[str]:
     """One DEU adapter per LoRA adapter, and the two combined: d{i} and ld{i}."""
     base = BaseShapes.gpt2(shape["n_layer"], shape["n_embd"])
     names = []
     for i, lora_name in enumerate(lora_names):
-        deu = random_deu(shape["n_layer"], base.d_ff, seed=100 + i)
+        deu = common.random_deu(
+            shape["n_layer"], base.d_ff, seed=100 + i, gain=0.3, base_name="bench"
+        )
         lora = load_lora_adapter(root / lora_name, name=lora_name, base=base, max_rank=rank)
         save_adapter(root / f"d{i}", Adapter(f"d{i}", None, deu))
         save_adapter(root / f"ld{i}", Adapter(f"ld{i}", lora, deu))

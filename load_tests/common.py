@@ -213,6 +213,34 @@ def make_adapter(
     return path
 
 
+def random_deu(
+    n_layer: int,
+    d_ff: int,
+    *,
+    seed: int,
+    layers: tuple[int, ...] | None = None,
+    group_size: int = 1,
+    gain: float = 0.5,
+    base_name: str = "synthetic",
+) -> Any:
+    """A DEUAdapter with random parameters spread over every regime (a, b, c in (0.2, 2)),
+    c1, c2 ~ N(0, 0.3), gain ~ N(0, gain); deterministic per seed."""
+    import torch
+
+    from adapters.deu_format import DEUAdapter, DEUConfig
+
+    gen = torch.Generator().manual_seed(seed)
+    layers = tuple(range(n_layer)) if layers is None else layers
+    groups = d_ff // group_size
+    params = {}
+    for layer in layers:
+        abc = 0.2 + 1.8 * torch.rand(3, groups, generator=gen)  # (3, G)
+        c12 = 0.3 * torch.randn(2, groups, generator=gen)  # (2, G)
+        g = gain * torch.randn(1, groups, generator=gen)  # (1, G)
+        params[layer] = torch.cat([abc, c12, g])  # (6, G)
+    return DEUAdapter(DEUConfig(layers, group_size, base_name), params)
+
+
 def adapter_files(path: Path) -> dict[str, tuple[str, bytes]]:
     """The multipart files of POST /v1/adapters for a PEFT adapter directory."""
     return {

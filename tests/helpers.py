@@ -77,21 +77,19 @@ def random_deu(
     layers: tuple[int, ...] | None = None,
     group_size: int = 1,
     gain: float = 0.5,
-    lora_config: dict[str, Any] | None = None,
 ) -> Any:
-    """A DEUAdapter with random parameters spread over every regime (a, b, c in (0.2, 2))."""
-    from adapters.deu_format import DEUAdapter, DEUConfig
+    """load_tests/common.py's random DEU adapter, for the base the tests call "test-base"."""
+    from load_tests.common import random_deu as make
 
-    gen = torch.Generator().manual_seed(seed)
-    layers = tuple(range(n_layer)) if layers is None else layers
-    groups = d_ff // group_size
-    params = {}
-    for layer in layers:
-        abc = 0.2 + 1.8 * torch.rand(3, groups, generator=gen)  # (3, G)
-        c12 = 0.3 * torch.randn(2, groups, generator=gen)  # (2, G)
-        g = gain * torch.randn(1, groups, generator=gen)  # (1, G)
-        params[layer] = torch.cat([abc, c12, g])  # (6, G)
-    return DEUAdapter(DEUConfig(layers, group_size, "test-base", lora_config), params)
+    return make(
+        n_layer,
+        d_ff,
+        seed=seed,
+        layers=layers,
+        group_size=group_size,
+        gain=gain,
+        base_name="test-base",
+    )
 
 
 def save_deu(
