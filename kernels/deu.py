@@ -133,8 +133,7 @@ def deu_unit(x: Tensor, params: Tensor) -> Tensor:
 
 def deu_activation(x: Tensor, params: Tensor) -> Tensor:
     """g * D(x): the delta a DEU adapter adds to a neuron's GELU output."""
-    planes = deu_planes(params)
-    return planes[-1] * deu_eval(x, planes)
+    return _delta(x, deu_planes(params))
 
 
 def check_deu_args(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
@@ -214,7 +213,7 @@ def _apply_runs(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
 
 
 def _delta(h: Tensor, planes: Tensor) -> Tensor:
-    return planes[-1] * deu_eval(h, planes)  # (n, F): g * D(h)
+    return planes[-1] * deu_eval(h, planes)  # (..., F): g * D(h), the serving and training delta
 
 
 def _add_delta(y: Tensor, h: Tensor, planes: Tensor) -> None:
