@@ -60,7 +60,7 @@ def test_train_script_writes_an_adapter_peft_loads(tmp_path: Path) -> None:
     from peft import PeftModel
     from transformers import GPT2LMHeadModel
 
-    from adapters.train import main
+    from training.train import main
 
     out = tmp_path / "upper"
     main(
@@ -102,7 +102,7 @@ def test_train_script_writes_a_deu_adapter_the_engine_serves_exactly(
 
     from adapters.adapter import load_adapter
     from adapters.format import BaseShapes
-    from adapters.train import main
+    from training.train import main
 
     out = tmp_path / kind
     argv = ["--base", str(DEMO_MODEL), "--task", "upper", "--out", str(out), "--kind", kind]

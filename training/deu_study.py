@@ -1,7 +1,7 @@
 """Is a DEU adapter worth serving? Train DEU, LoRA at a similar size, and LoRA+DEU per task.
 
-    python -m adapters.deu_study                       # upper and sort, ~15 min on 2 cores
-    python -m adapters.deu_study --tasks upper --ship  # also copy the best DEU into the demo
+    python -m training.deu_study                       # upper and sort, ~15 min on 2 cores
+    python -m training.deu_study --tasks upper --ship  # also copy the best DEU into the demo
 
 Prints a markdown table (trainable parameters, training seconds, held-out greedy accuracy
 served by the engine) and plots learned activation shapes next to GELU (needs matplotlib).
@@ -20,9 +20,9 @@ import torch
 from adapters.adapter import load_adapter
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, TASKS
 from adapters.format import BaseShapes
-from adapters.train import TrainResult, accuracy, train_adapter
 from kernels.deu import deu_activation
 from server.engine.config import ModelConfig
+from training.train import TrainResult, accuracy, train_adapter
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Train a LoRA, DEU or LoRA+DEU adapter on a frozen hotlora base model and write it.
 
-    python -m adapters.train --base adapters/demo/hotlora-demo --task reverse --out /tmp/reverse
-    python -m adapters.train --base adapters/demo/hotlora-demo --task upper --kind deu --out /tmp/u
+    python -m training.train --base adapters/demo/hotlora-demo --task reverse --out /tmp/reverse
+    python -m training.train --base adapters/demo/hotlora-demo --task upper --kind deu --out /tmp/u
 
 Training runs the same GPT-2 definition the engine serves, with a differentiable adapter hook
 in place of the batched one; held-out accuracy is measured through the real `Engine`. LoRA is

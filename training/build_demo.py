@@ -1,7 +1,7 @@
 """Rebuild every shipped demo asset: the base model, then one LoRA adapter per demo task.
 
-    python -m adapters.build_demo            # base + all adapters (a few minutes on 2 cores)
-    python -m adapters.build_demo --adapters-only
+    python -m training.build_demo            # base + all adapters (a few minutes on 2 cores)
+    python -m training.build_demo --adapters-only
 
 Prints each task's held-out greedy accuracy for the base alone and with its adapter.
 """
@@ -13,8 +13,8 @@ import logging
 import time
 
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, DEMO_TASKS, TASKS
-from adapters.pretrain_demo import pretrain
-from adapters.train import accuracy, train_adapter
+from training.pretrain_demo import pretrain
+from training.train import accuracy, train_adapter
 
 log = logging.getLogger(__name__)
 

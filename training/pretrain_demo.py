@@ -1,6 +1,6 @@
 """Pretrain the tiny demo base model (a 4-layer GPT-2) from scratch on the copy task.
 
-    python -m adapters.pretrain_demo --out adapters/demo/hotlora-demo
+    python -m training.pretrain_demo --out adapters/demo/hotlora-demo
 
 The base learns the `in: x\\nout: x` frame; the demo adapters then teach it other answers.
 """
@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from adapters.demo_tasks import TASKS, build_tokenizer, eos_id
-from adapters.train import accuracy, batches, fit
 from server.engine.config import ModelConfig
 from server.engine.loader import save_gpt2
 from server.engine.model import GPT2
+from training.train import accuracy, batches, fit
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Adapter training and demo building. This package may use the engine; `adapters/` never does."""
