@@ -97,10 +97,12 @@ def save_adapter(path: str | os.PathLike[str], adapter: Adapter) -> None:
     config = adapter.deu.config
     tensors = deu_tensors(adapter.deu, adapter.name)
     if adapter.lora is not None:
-        if adapter.lora.key_prefix != "transformer.":
+        layout = adapter.lora.config.layout
+        if adapter.lora.prefix != layout.model_prefix:
             raise AdapterError(
                 adapter.name,
-                "the LoRA part of a LoRA+DEU adapter must use the transformer.h layout",
+                "the LoRA part of a LoRA+DEU adapter must use the "
+                f"{layout.model_prefix}{layout.blocks} layout",
                 "key_prefix",
             )
         config = dataclasses.replace(config, lora=adapter.lora.config.to_dict())

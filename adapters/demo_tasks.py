@@ -121,6 +121,22 @@ DEMO_DEU = {"upper-deu": "upper"}
 # Every shipped adapter -> the task it solves.
 DEMO_ADAPTER_TASKS = {**{t: t for t in DEMO_TASKS}, **DEMO_DEU}
 
+# The Llama-family demo (4 layers, GQA, SwiGLU; `python -m training.build_demo --family llama`):
+# an all-linear LoRA and a DEU adapter on the SwiGLU gate.
+LLAMA_DEMO_MODEL = DEMO_DIR / "hotlora-llama-demo"
+LLAMA_DEMO_ADAPTERS = DEMO_DIR / "llama-adapters"
+LLAMA_DEMO_ADAPTER_TASKS = {"reverse": "reverse", "upper-deu": "upper"}
+
+
+def demo_adapters(model_dir: Path) -> dict[str, tuple[Path, str]]:
+    """The shipped adapters of a shipped demo model (name -> (directory, task)); {} otherwise."""
+    demos = {
+        DEMO_MODEL: (DEMO_ADAPTERS, DEMO_ADAPTER_TASKS),
+        LLAMA_DEMO_MODEL: (LLAMA_DEMO_ADAPTERS, LLAMA_DEMO_ADAPTER_TASKS),
+    }
+    root, tasks = demos.get(model_dir.resolve(), (DEMO_ADAPTERS, {}))
+    return {name: (root / name, task) for name, task in tasks.items()}
+
 
 def eos_id(tokenizer: Tokenizer) -> int:
     """The id of EOS, which every training example ends with."""

@@ -12,15 +12,16 @@ adapter_config.json
 
 adapter_model.safetensors
     base_model.model.transformer.h.{i}.mlp.deu.{a,b,c,c1,c2,gain}   shape (d_ff / group_size,)
+    (Llama family: base_model.model.model.layers.{i}.mlp.deu.{...}, d_ff = intermediate_size)
     + the PEFT LoRA tensors (lora_A / lora_B) when the config embeds "lora".
 
-Neuron j of layer i then computes GELU(h) + gain * D(h) with D the unit of kernels/deu.py; a, b
+Neuron j of layer i then computes act(h) + gain * D(h), act being GELU (GPT-2) or the SiLU of
+the SwiGLU gate (Llama family), with D the unit of kernels/deu.py; a, b
 and c must be positive (a stable system), everything finite. gain = 0 is the base model.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,10 @@ from torch import Tensor
 
 from adapters.errors import AdapterError
 from adapters.format import BaseShapes, Entry, read_tensors
+from adapters.layout import GPT2_LAYOUT, ModuleLayout
 from kernels.deu import PARAMS
 
 DEU_TYPE = "DEU"
-_KEY_RE = re.compile(
-    r"base_model\.model\.transformer\.h\.(?P<layer>0|[1-9]\d*)\.mlp\.deu\.(?P<param>[a-z0-9]+)"
-)
 _FIELDS = frozenset(
     {"peft_type", "task_type", "base_model_name_or_path", "layers", "group_size", "lora"}
 )
@@ -48,16 +47,13 @@ def is_deu_key(key: str) -> bool:
     return ".mlp.deu." in key
 
 
-def deu_key(layer: int, param: str) -> str:
-    return f"base_model.model.transformer.h.{layer}.mlp.deu.{param}"
-
-
 @dataclass(frozen=True)
 class DEUConfig:
     layers: tuple[int, ...]  # ascending
     group_size: int
     base_model_name_or_path: str | None = None
     lora: Mapping[str, Any] | None = None  # the embedded PEFT LoRA config, as read
+    layout: ModuleLayout = GPT2_LAYOUT  # the family whose MLP activations it adapts
 
     @classmethod
     def from_dict(cls, d: Any, adapter: str, base: BaseShapes) -> DEUConfig:
@@ -108,7 +104,7 @@ class DEUConfig:
         lora = d.get("lora")
         if lora is not None and not isinstance(lora, dict):
             raise AdapterError(adapter, "must be a PEFT LoRA config object or null", "lora")
-        return cls(tuple(sorted(layers)), k, name, lora)
+        return cls(tuple(sorted(layers)), k, name, lora, base.layout)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -148,14 +144,16 @@ def deu_from_file(
 ) -> DEUAdapter:
     """Check the DEU tensors of a file against its config and the base, then read them."""
     groups = base.d_ff // config.group_size
+    layout = base.layout
+    key_re, deu_key = layout.deu_key_re, layout.deu_key
     found: dict[tuple[int, str], Entry] = {}
     for e in entries:
-        m = _KEY_RE.fullmatch(e.key)
+        m = key_re.fullmatch(e.key)
         if m is None or m.group("param") not in PARAMS:
             raise AdapterError(
                 name,
-                "not a DEU tensor key (expected base_model.model."
-                f"transformer.h.{{i}}.mlp.deu.{{{','.join(PARAMS)}}})",
+                "not a DEU tensor key (expected "
+                f"{deu_key(0, '').replace('.0.', '.{i}.')}{{{','.join(PARAMS)}}})",
                 e.key,
             )
         layer = int(m.group("layer"))
@@ -209,11 +207,12 @@ def deu_tensors(adapter: DEUAdapter, name: str) -> dict[str, Tensor]:
             f"config lists {list(adapter.config.layers)}",
             "layers",
         )
+    key = adapter.config.layout.deu_key
     for layer, p in adapter.params.items():
         if p.dim() != 2 or p.shape[0] != len(PARAMS):
             raise AdapterError(
                 name, f"layer {layer}: parameters must be (6, G), got {tuple(p.shape)}", "params"
             )
         for i, pname in enumerate(PARAMS):
-            out[deu_key(layer, pname)] = p[i].detach().to("cpu", torch.float32).clone()  # (G,)
+            out[key(layer, pname)] = p[i].detach().to("cpu", torch.float32).clone()  # (G,)
     return out

@@ -24,7 +24,8 @@ from safetensors.torch import save
 from torch import Tensor
 
 from adapters.errors import AdapterError
-from adapters.lora_config import LAYOUTS, TARGETS, LoRAConfig, iter_target_names
+from adapters.layout import GPT2_LAYOUT, LLAMA_LAYOUT, ModuleLayout, gpt2_dims, llama_dims
+from adapters.lora_config import LoRAConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -32,7 +33,6 @@ PICKLE_NAME = "adapter_model.bin"
 
 # PEFT saves without the adapter name; a raw PeftModel.state_dict() dump keeps ".default".
 _KEY_RE = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.default)?\.weight")
-_MODULE_RE = re.compile(r"(?P<prefix>transformer\.)?h\.(?P<layer>0|[1-9]\d*)\.(?P<target>.+)")
 # Training-only state of VeLoRA / MonteCLoRA; eval-mode forward does not read it.
 _TRAINING_STATE_RE = {
     "velora_config": re.compile(r"base_model\.model\..+\.lora_velora_embed(?:\.default)?"),
@@ -47,26 +47,32 @@ _MAX_CONFIG = 1024 * 1024
 
 @dataclass(frozen=True)
 class BaseShapes:
-    """What an adapter must fit: layer count and (d_in, d_out) per target."""
+    """What an adapter must fit: the family's module names, layer count, (d_in, d_out) per
+    target."""
 
     n_layer: int
     dims: Mapping[str, tuple[int, int]]
+    layout: ModuleLayout = GPT2_LAYOUT
 
     @classmethod
     def gpt2(cls, n_layer: int, n_embd: int, n_inner: int | None = None) -> BaseShapes:
         """The shapes of a GPT-2 block stack (n_inner defaults to 4 * n_embd, as in GPT2Config)."""
-        inner = n_inner or 4 * n_embd
-        return cls(n_layer, {
-            "attn.c_attn": (n_embd, 3 * n_embd),
-            "attn.c_proj": (n_embd, n_embd),
-            "mlp.c_fc": (n_embd, inner),
-            "mlp.c_proj": (inner, n_embd),
-        })
+        return cls(n_layer, gpt2_dims(n_embd, n_inner or 4 * n_embd))
+
+    @classmethod
+    def llama(
+        cls, n_layer: int, hidden: int, intermediate: int, n_head: int, n_kv_head: int,
+        head_dim: int | None = None,
+    ) -> BaseShapes:
+        """The shapes of a Llama-family block stack (Llama, Mistral, Qwen2, Qwen3)."""
+        hd = head_dim or hidden // n_head
+        return cls(n_layer, llama_dims(hidden, intermediate, n_head * hd, n_kv_head * hd),
+                   LLAMA_LAYOUT)
 
     @property
     def d_ff(self) -> int:
         """Neurons per MLP layer: what a DEU adapter's per-layer parameters must cover."""
-        return self.dims["mlp.c_fc"][1]
+        return self.dims[self.layout.ff_target][1]
 
 
 @dataclass(frozen=True)
@@ -89,9 +95,14 @@ class LoRAAdapter:
     name: str
     config: LoRAConfig
     modules: tuple[LoRAModule, ...]  # sorted by (layer, target)
-    # Module-name prefix of the file's keys: "transformer." (GPT2LMHeadModel) or "" (bare
-    # GPT2Model). Kept so a saved adapter loads back into the same peft model class.
-    key_prefix: str = "transformer."
+    # Module-name prefix of the file's keys: the family's LM-head prefix ("transformer.",
+    # "model.") or "" (bare model). Kept so a saved adapter loads back into the same peft class;
+    # None means the family's LM-head prefix.
+    key_prefix: str | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.config.layout.model_prefix if self.key_prefix is None else self.key_prefix
 
     @property
     def rank(self) -> int:
@@ -142,12 +153,12 @@ def lora_from_file(
     raw: Any, entries: list[Entry], weights: Path, *, name: str, base: BaseShapes, max_rank: int
 ) -> LoRAAdapter:
     """The LoRA adapter a PEFT config and the LoRA tensors of a safetensors file describe."""
-    config = LoRAConfig.from_dict(raw, name)
+    config = LoRAConfig.from_dict(raw, name, base.layout)
     prefix, plan = _plan(entries, config, name, base, max_rank)
     tensors = read_tensors(weights, name, [key for pair in plan.values() for key in pair])
     modules = []
     for (layer, target), (a_key, b_key) in sorted(plan.items()):
-        module_name = f"{prefix}h.{layer}.{target}"
+        module_name = base.layout.module_name(prefix, layer, target)
         modules.append(LoRAModule(layer, target, tensors[a_key], tensors[b_key],
                                   config.scaling_for(module_name)))
     return LoRAAdapter(name, config, tuple(modules), key_prefix=prefix)
@@ -164,7 +175,7 @@ def lora_tensors(adapter: LoRAAdapter) -> dict[str, Tensor]:
     prefix = _save_layout(adapter)
     tensors: dict[str, Tensor] = {}
     for m in adapter.modules:
-        module_name = f"{prefix}h.{m.layer}.{m.target}"
+        module_name = config.layout.module_name(prefix, m.layer, m.target)
         r = config.rank_for(module_name)
         if m.A.dim() != 2 or m.B.dim() != 2 or m.A.shape[0] != r or m.B.shape[1] != r:
             raise AdapterError(name, f"{module_name}: A {tuple(m.A.shape)} / B "
@@ -213,12 +224,13 @@ def _atomic_write(target: Path, write: Callable[[str], object]) -> None:
 def _save_layout(adapter: LoRAAdapter) -> str:
     """Check that the config targets every module under the adapter's key layout: PEFT
     re-derives the module set from the config on load, so anything else would not round-trip."""
-    prefix = adapter.key_prefix
-    if prefix not in LAYOUTS:
-        raise AdapterError(adapter.name, f"must be one of {LAYOUTS}, got {prefix!r}", "key_prefix")
+    prefix, layout = adapter.prefix, adapter.config.layout
+    if prefix not in layout.prefixes:
+        raise AdapterError(adapter.name, f"must be one of {layout.prefixes}, got {prefix!r}",
+                           "key_prefix")
     for m in adapter.modules:
-        module_name = f"{prefix}h.{m.layer}.{m.target}"
-        if m.target not in TARGETS or not adapter.config.targets(module_name):
+        module_name = layout.module_name(prefix, m.layer, m.target)
+        if m.target not in layout.targets or not adapter.config.targets(module_name):
             raise AdapterError(adapter.name, f"the config does not target {module_name!r}",
                                "target_modules")
     return prefix
@@ -290,21 +302,23 @@ def _plan(
     """
     skip = [pattern for field, pattern in _TRAINING_STATE_RE.items()
             if config.raw.get(field) is not None]
+    layout = base.layout
+    module_re = layout.module_re
     halves: dict[tuple[int, str], dict[str, Entry]] = {}
     prefixes: set[str] = set()
     for e in entries:
         if any(p.fullmatch(e.key) for p in skip):
             continue
         m = _KEY_RE.fullmatch(e.key)
-        mm = _MODULE_RE.fullmatch(m.group("module")) if m else None
+        mm = module_re.fullmatch(m.group("module")) if m else None
         if m is None or mm is None:
             raise AdapterError(name, "tensor key maps to no hotlora module (expected "
-                               "base_model.model.[transformer.]h.{i}.{target}.lora_{A,B}.weight)",
-                               e.key)
+                               f"base_model.model.[{layout.model_prefix}]{layout.blocks}.{{i}}."
+                               "{target}.lora_{A,B}.weight)", e.key)
         layer, target, prefix = int(mm.group("layer")), mm.group("target"), mm.group("prefix") or ""
         module_name = m.group("module")
-        if target not in TARGETS:
-            raise AdapterError(name, f"target {target!r} is not one of {TARGETS}", e.key)
+        if target not in layout.targets:
+            raise AdapterError(name, f"target {target!r} is not one of {layout.targets}", e.key)
         if layer >= base.n_layer:
             raise AdapterError(name, f"layer {layer} is beyond the base's {base.n_layer} layers",
                                e.key)
@@ -312,7 +326,8 @@ def _plan(
             raise AdapterError(name, f"the config does not target {module_name!r}", e.key)
         prefixes.add(prefix)
         if len(prefixes) > 1:
-            raise AdapterError(name, "keys mix the transformer.h and bare h layouts", e.key)
+            raise AdapterError(name, f"keys mix the {layout.model_prefix}{layout.blocks} and bare "
+                               f"{layout.blocks} layouts", e.key)
         half = halves.setdefault((layer, target), {})
         if m.group("ab") in half:
             raise AdapterError(name, f"duplicate lora_{m.group('ab')} for {module_name!r}", e.key)
@@ -321,7 +336,7 @@ def _plan(
     if not halves:
         raise AdapterError(name, "contains no LoRA tensors", WEIGHTS_NAME)
     prefix = prefixes.pop()
-    for module_name, layer, target in iter_target_names(prefix, base.n_layer):
+    for module_name, layer, target in layout.iter_targets(prefix, base.n_layer):
         if config.targets(module_name) and (layer, target) not in halves:
             raise AdapterError(name, f"the config targets {module_name!r} but the file has no "
                                "tensors for it (adapter trained for a different base?)",
@@ -329,7 +344,7 @@ def _plan(
 
     plan: dict[tuple[int, str], tuple[str, str]] = {}
     for (layer, target), half in halves.items():
-        module_name = f"{prefix}h.{layer}.{target}"
+        module_name = layout.module_name(prefix, layer, target)
         if "A" not in half:
             raise AdapterError(name, "lora_B without its lora_A", half["B"].key)
         if "B" not in half:

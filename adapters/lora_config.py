@@ -11,34 +11,22 @@ from __future__ import annotations
 import copy
 import math
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from adapters.errors import AdapterError
+from adapters.layout import GPT2_LAYOUT, ModuleLayout
 
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+# GPT-2 block projections: the default layout's targets, kept for callers that only know GPT-2.
+TARGETS = GPT2_LAYOUT.targets
 
-# Module-name prefixes of GPT-2 blocks: GPT2LMHeadModel ("transformer.h.3") and bare GPT2Model
-# ("h.3"). PEFT matches config patterns against these names, so both layouts must be understood.
-LAYOUTS = ("transformer.", "")
-
-# Every other module of a GPT-2, relative to the layout prefix (lm_head only exists under the
-# LM-head layout). A config that also matches one of these would make PEFT wrap (or reject) a
-# module whose update hotlora cannot apply.
-_OTHER_TOP = ("wte", "wpe", "drop", "h", "ln_f")
-_OTHER_BLOCK = ("", ".ln_1", ".attn", ".attn.attn_dropout", ".attn.resid_dropout", ".ln_2",
-                ".mlp", ".mlp.act", ".mlp.dropout")
-
-# GPT-2 family models have at most 48 blocks (gpt2-xl); the config-only check probes that many.
+# A family has at most this many blocks in the config-only check (gpt2-xl has 48, Llama 3 70B 80).
 _PROBE_LAYERS = 48
 _MAX_PROBE_LAYERS = 1024
 
 _ALL_LINEAR = "all-linear"
-_ALL_LINEAR_RE = re.compile(
-    r"(?:transformer\.)?h\.\d+\.(?:" + "|".join(re.escape(t) for t in TARGETS) + r")"
-)
 
 # init_lora_weights values that only choose the starting A/B: the saved A/B are the whole story.
 _HARMLESS_INITS = ("gaussian", "eva", "orthogonal", "mica")
@@ -163,6 +151,7 @@ class LoRAConfig:
     raw: Mapping[str, Any] = field(default_factory=dict, compare=False)
     exclude_modules: tuple[str, ...] | str | None = None
     layers_pattern: tuple[str, ...] | None = None
+    layout: ModuleLayout = GPT2_LAYOUT  # the family whose module names the config matches
 
     def __post_init__(self) -> None:
         # Freeze the containers so a config shared between requests cannot be mutated.
@@ -174,8 +163,11 @@ class LoRAConfig:
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], adapter: str) -> LoRAConfig:
-        """Validate an adapter_config.json dict; raise AdapterError naming the offending field."""
+    def from_dict(
+        cls, d: Mapping[str, Any], adapter: str, layout: ModuleLayout = GPT2_LAYOUT
+    ) -> LoRAConfig:
+        """Validate an adapter_config.json dict for a family; raise AdapterError naming the
+        offending field."""
         if not isinstance(d, Mapping):
             raise AdapterError(adapter, f"must be a JSON object, got {type(d).__name__}",
                                "adapter_config.json")
@@ -252,6 +244,7 @@ class LoRAConfig:
             # PEFT treats an empty pattern ("" or []) like no pattern at all.
             layers_pattern=None if not lpat else (
                 (lpat,) if isinstance(lpat, str) else tuple(lpat)),
+            layout=layout,
         )
         # Bounded: a hostile layers_to_transform must not make this loop for ages.
         deepest = max([_PROBE_LAYERS - 1, *(config.layers_to_transform or ())]) + 1
@@ -259,25 +252,22 @@ class LoRAConfig:
         return config
 
     def check_fits(self, adapter: str, n_layer: int) -> str:
-        """Refuse unless, in some GPT-2 layout with ``n_layer`` blocks, the config targets at
-        least one of TARGETS and nothing else. Returns that layout's prefix ("transformer." or "").
+        """Refuse unless, in some layout of the family with ``n_layer`` blocks, the config targets
+        at least one target and nothing else. Returns that layout's prefix (e.g. "model." or "").
         """
-        for prefix in LAYOUTS:
-            if not any(self.targets(n) for n, _, _ in iter_target_names(prefix, n_layer)):
+        lay = self.layout
+        for prefix in lay.prefixes:
+            if not any(self.targets(n) for n, _, _ in lay.iter_targets(prefix, n_layer)):
                 continue
-            others = [f"{prefix}{m}" for m in _OTHER_TOP]
-            others += [f"{prefix}h.{i}{m}" for i in range(n_layer) for m in _OTHER_BLOCK]
-            if prefix:
-                others += ["transformer", "lm_head"]
-            stray = [n for n in others if self.targets(n)]
+            stray = [n for n in lay.others(prefix, n_layer) if self.targets(n)]
             if stray:
                 raise AdapterError(
                     adapter, f"also matches {stray[0]!r}, which hotlora cannot adapt (only "
-                    f"{', '.join(TARGETS)})", "target_modules")
+                    f"{', '.join(lay.targets)})", "target_modules")
             return prefix
         raise AdapterError(
-            adapter, f"matches none of hotlora's target modules ({', '.join(TARGETS)}) in a "
-            f"{n_layer}-layer GPT-2", "target_modules")
+            adapter, f"matches none of hotlora's target modules ({', '.join(lay.targets)}) in a "
+            f"{n_layer}-layer {lay.family} model", "target_modules")
 
     def to_dict(self) -> dict[str, Any]:
         """PEFT-compatible adapter_config.json content."""
@@ -325,9 +315,8 @@ class LoRAConfig:
         tm = self.target_modules
         if isinstance(tm, str):
             if tm.lower() == _ALL_LINEAR:
-                # PEFT expands this to every Linear/Conv1D but the output head: in a GPT-2, the
-                # four block projections.
-                return _ALL_LINEAR_RE.fullmatch(key) is not None
+                # PEFT expands this to every Linear/Conv1D but the output head: the targets.
+                return self.layout.all_linear_re.fullmatch(key) is not None
             return re.fullmatch(tm, key) is not None
         if key in tm:
             # An exact name bypasses layers_to_transform in PEFT as well.
@@ -350,13 +339,6 @@ class LoRAConfig:
         key = _pattern_key(self.alpha_pattern, module_name)
         alpha = self.alpha_pattern.get(key, self.lora_alpha)
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
-
-
-def iter_target_names(prefix: str, n_layer: int) -> Iterator[tuple[str, int, str]]:
-    """(module name, layer, target) for every hotlora target of a GPT-2 in one layout."""
-    for layer in range(n_layer):
-        for target in TARGETS:
-            yield f"{prefix}h.{layer}.{target}", layer, target
 
 
 def _floats(v: Any) -> Any:

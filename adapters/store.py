@@ -31,7 +31,6 @@ from typing import Any
 from adapters.adapter import Adapter, load_adapter
 from adapters.errors import AdapterError
 from adapters.format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, BaseShapes
-from adapters.lora_config import TARGETS
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ class AdapterVersion:
     path: Path  # directory holding adapter_config.json + adapter_model.safetensors
     kind: str  # "lora" | "deu" | "lora+deu"
     rank: int
-    target_modules: tuple[str, ...]  # targets present in the file, in TARGETS order
+    target_modules: tuple[str, ...]  # targets present in the file, in the layout's order
     size_bytes: int  # size of adapter_model.safetensors
     sha256: str  # hex digest of adapter_model.safetensors
     created: int  # unix seconds
@@ -115,7 +114,9 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _meta_from_json(name: str, version: int, path: Path, meta: Any) -> AdapterVersion:
+def _meta_from_json(
+    name: str, version: int, path: Path, meta: Any, targets_known: tuple[str, ...]
+) -> AdapterVersion:
     """An AdapterVersion from meta.json content; ValueError if anything is off."""
     if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
         raise ValueError("not a meta.json of a known format")
@@ -123,7 +124,7 @@ def _meta_from_json(name: str, version: int, path: Path, meta: Any) -> AdapterVe
     fields = {
         "kind": isinstance(meta.get("kind"), str),
         "rank": _is_int(meta.get("rank")) and meta["rank"] >= 0,
-        "target_modules": isinstance(targets, list) and all(t in TARGETS for t in targets),
+        "target_modules": isinstance(targets, list) and all(t in targets_known for t in targets),
         "size_bytes": _is_int(meta.get("size_bytes")),
         "sha256": isinstance(meta.get("sha256"), str) and _SHA256.fullmatch(meta["sha256"]),
         "created": _is_int(meta.get("created")),
@@ -194,7 +195,8 @@ class AdapterStore:
                 self._high[name_dir.name] = max(self._high.get(name_dir.name, 0), version)
                 try:
                     meta = json.loads((vdir / META_NAME).read_text(encoding="utf-8"))
-                    v = _meta_from_json(name_dir.name, version, vdir, meta)
+                    targets = self.base.layout.targets
+                    v = _meta_from_json(name_dir.name, version, vdir, meta, targets)
                 except (OSError, ValueError) as e:
                     # Damage after a completed put is not a crash leftover: keep the files for
                     # inspection, but never serve them (and never reuse the number).
@@ -233,7 +235,7 @@ class AdapterStore:
                 "format": _META_FORMAT,
                 "kind": adapter.kind,
                 "rank": adapter.rank,
-                "target_modules": [t for t in TARGETS if t in present],
+                "target_modules": [t for t in self.base.layout.targets if t in present],
                 "size_bytes": len(weights),
                 "sha256": hashlib.sha256(weights).hexdigest(),
                 "created": int(time.time()),
@@ -242,7 +244,7 @@ class AdapterStore:
             # everything but the rename can happen outside the lock.
             _write_synced(staging / META_NAME, json.dumps(meta, indent=2).encode())
             _fsync_dir(staging)
-            staged = _meta_from_json(name, 0, staging, meta)
+            staged = _meta_from_json(name, 0, staging, meta, self.base.layout.targets)
             with self._lock:
                 version = self._high.get(name, 0) + 1
                 name_dir = self.root / name

@@ -1,13 +1,19 @@
 """Offline throughput: hotlora's mixed-adapter batches vs transformers + peft, in one run.
 
-GPT-2-small shapes (124M, random weights, fp32), batch 32, 32-token prompts, 32 new greedy
-tokens, with 0, 1, 8 and 32 distinct rank-16 adapters on c_attn/c_proj/c_fc. Prints tokens/s
-for both (hotlora: best of 3 round-robin rounds over all its configurations) and the ratios.
-The DEU columns serve 1, 8 and 32 distinct DEU adapters (every MLP neuron of every layer) and
-LoRA+DEU adapters (each LoRA above plus a DEU part) from the same engine; peft has no DEU.
-`--smoke` runs tiny shapes in seconds (CI checks the script works).
+`--model gpt2-small` (default): GPT-2-small shapes (124M, random weights), rank-16 adapters on
+c_attn/c_proj/c_fc. `--model smollm-135m`: SmolLM-135M shapes (Llama family: 30 layers, hidden
+576, 9 heads / 3 KV heads, SwiGLU 1536, tied 49152-token embeddings; random weights), rank-16
+adapters on every linear ("all-linear": q/k/v/o, gate/up/down). Both: batch 32, 32-token
+prompts, 32 new greedy tokens, with 0, 1, 8 and 32 distinct adapters, in `--dtype` (fp32 by
+default; peft's model is cast to the same dtype). Prints tokens/s for both (hotlora: best of 3
+round-robin rounds over all its configurations) and the ratios.
+The DEU columns serve 1, 8 and 32 distinct DEU adapters (every MLP neuron of every layer: the
+GELU of GPT-2, the SiLU of the SwiGLU gate of Llama) and LoRA+DEU adapters (each LoRA above
+plus a DEU part) from the same engine; peft has no DEU.
+`--smoke` runs tiny shapes of the chosen family in seconds (CI checks the script works).
 
-    python load_tests/bench_offline.py [--smoke] [--skip-peft] [--kinds lora deu] [--json out.json]
+    python load_tests/bench_offline.py [--model gpt2-small|smollm-135m] [--smoke] [--skip-peft]
+        [--dtype float32|float16|bfloat16] [--kinds lora deu] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,36 +39,97 @@ from adapters.adapter import Adapter, save_adapter  # noqa: E402
 from adapters.demo_tasks import build_tokenizer  # noqa: E402
 from adapters.format import BaseShapes, load_lora_adapter  # noqa: E402
 from server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from server.engine.loader import read_config  # noqa: E402
 
-FULL = {
-    "n_embd": 768,
-    "n_layer": 12,
-    "n_head": 12,
-    "vocab_size": 50257,
-    "batch": 32,
-    "prompt": 32,
-    "new": 32,
-}
-SMOKE = {
-    "n_embd": 64,
-    "n_layer": 2,
-    "n_head": 4,
-    "vocab_size": 300,
-    "batch": 8,
-    "prompt": 8,
-    "new": 4,
-}
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 KINDS = ("lora", "deu", "lora+deu")
+WORKLOAD = {"batch": 32, "prompt": 32, "new": 32}
+SMOKE_WORKLOAD = {"batch": 8, "prompt": 8, "new": 4}
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+BF16_NOTE = "bf16 on this CPU has no native support: figures are not representative"
 
 
-def build_deu(root: Path, shape: dict[str, int], lora_names: list[str], rank: int) -> list[str]:
+@dataclass(frozen=True)
+class BenchModel:
+    """A base to benchmark: transformers classes, its shapes (full and --smoke), peft targets."""
+
+    config_cls: str  # transformers config class
+    model_cls: str  # transformers *ForCausalLM / *LMHeadModel class
+    full: dict[str, int]  # config kwargs that set the shapes
+    smoke: dict[str, int]
+    targets: str | list[str]  # peft LoraConfig.target_modules
+    fixed: dict[str, Any] = field(default_factory=dict)  # other config kwargs
+
+
+MODELS = {
+    "gpt2-small": BenchModel(
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        full={"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257},
+        smoke={"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 300},
+        targets=TARGETS,
+        fixed={"n_positions": 256},
+    ),
+    "smollm-135m": BenchModel(
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        full={
+            "num_hidden_layers": 30,
+            "hidden_size": 576,
+            "num_attention_heads": 9,
+            "num_key_value_heads": 3,
+            "intermediate_size": 1536,
+            "vocab_size": 49152,
+        },
+        smoke={
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "intermediate_size": 96,
+            "vocab_size": 300,
+        },
+        targets="all-linear",
+        fixed={"tie_word_embeddings": True, "max_position_embeddings": 2048, "rope_theta": 10000},
+    ),
+}
+
+
+def model_shape(model: BenchModel, smoke: bool) -> dict[str, int]:
+    """The base's shape kwargs followed by the workload (batch, prompt, new)."""
+    return {**(model.smoke if smoke else model.full), **(SMOKE_WORKLOAD if smoke else WORKLOAD)}
+
+
+def cpu_bf16_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, bool]:
+    """Which of the CPU's bf16 instructions (AVX512-BF16, AMX-BF16) /proc/cpuinfo lists."""
+    try:
+        lines = cpuinfo.read_text().splitlines()
+    except OSError:
+        lines = []
+    flags = next((ln.split(":", 1)[1].split() for ln in lines if ln.startswith("flags")), [])
+    return {f: f in flags for f in BF16_FLAGS}
+
+
+def bf16_note(flags: dict[str, bool], dtype: str, cpu_runs: bool) -> str | None:
+    """The caveat for a bf16 run on a CPU without native bf16, else None."""
+    if dtype == "bfloat16" and cpu_runs and not any(flags.values()):
+        return BF16_NOTE
+    return None
+
+
+def base_shapes(base_dir: Path) -> BaseShapes:
+    """The shapes an adapter must fit, read from the saved base's config.json (any family)."""
+    _, cfg = read_config(base_dir)
+    return BaseShapes(cfg.n_layer, cfg.target_dims(), cfg.layout)
+
+
+def build_deu(root: Path, lora_names: list[str], rank: int) -> list[str]:
     """One DEU adapter per LoRA adapter, and the two combined: d{i} and ld{i}."""
-    base = BaseShapes.gpt2(shape["n_layer"], shape["n_embd"])
+    base = base_shapes(root / "base")
     names = []
     for i, lora_name in enumerate(lora_names):
         deu = common.random_deu(
-            shape["n_layer"], base.d_ff, seed=100 + i, gain=0.3, base_name="bench"
+            base.n_layer, base.d_ff, seed=100 + i, gain=0.3, base_name="bench", layout=base.layout
         )
         lora = load_lora_adapter(root / lora_name, name=lora_name, base=base, max_rank=rank)
         save_adapter(root / f"d{i}", Adapter(f"d{i}", None, deu))
@@ -70,32 +138,35 @@ def build_deu(root: Path, shape: dict[str, int], lora_names: list[str], rank: in
     return names
 
 
-def build(root: Path, shape: dict[str, int], n_adapters: int, rank: int) -> tuple[Any, list[str]]:
-    """A random base saved in HF layout and n peft adapters with random non-zero weights."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2Config, GPT2LMHeadModel
+def build_base(root: Path, model: BenchModel, shape: dict[str, int]) -> Any:
+    """A random base of `model`'s family saved in HF layout (+ the demo tokenizer)."""
+    import transformers
 
     torch.manual_seed(0)
-    cfg = GPT2Config(
-        n_embd=shape["n_embd"],
-        n_layer=shape["n_layer"],
-        n_head=shape["n_head"],
-        vocab_size=shape["vocab_size"],
-        n_positions=256,
-    )
-    base = GPT2LMHeadModel(cfg).eval()
+    kwargs = {k: v for k, v in shape.items() if k not in WORKLOAD}
+    cfg = getattr(transformers, model.config_cls)(**kwargs, **model.fixed)
+    base = getattr(transformers, model.model_cls)(cfg).eval()
     base.save_pretrained(root / "base", safe_serialization=True)
     build_tokenizer().save(str(root / "base" / "tokenizer.json"))
+    return base
+
+
+def build(
+    root: Path, model: BenchModel, shape: dict[str, int], n_adapters: int, rank: int
+) -> tuple[Any, list[str]]:
+    """A random base saved in HF layout and n peft adapters with random non-zero weights."""
+    from peft import LoraConfig, get_peft_model
+
+    base = build_base(root, model, shape)
     names = []
     for i in range(n_adapters):
-        m = get_peft_model(
-            copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
-        )
+        lora_cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=model.targets)
+        m = get_peft_model(copy.deepcopy(base), lora_cfg)
         with torch.no_grad():
             for n, p in m.named_parameters():
                 if "lora_" in n:
                     p.normal_(0, 0.02)
-        m.save_pretrained(root / f"a{i}")
+        m.save_pretrained(str(root / f"a{i}"))
         names.append(f"a{i}")
     return base, names
 
@@ -166,12 +237,17 @@ def bench_peft(
     shape: dict[str, int],
     distincts: list[int],
     repeats: int,
+    dtype: str = "float32",
 ) -> dict[int, float]:
+    """peft's tokens/s per number of distinct adapters, base and adapters cast to `dtype`."""
     from peft import PeftModel
 
     model = PeftModel.from_pretrained(base, root / names[0], adapter_name=names[0]).eval()
     for n in names[1:]:
         model.load_adapter(root / n, adapter_name=n)
+    # After loading: peft keeps adapter weights in fp32 on a half base (autocast_adapter_dtype);
+    # casting the whole model runs peft in hotlora's dtype, LoRA included.
+    model.to(getattr(torch, dtype))
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["prompt"]), generator=gen)
     out = {}
@@ -197,36 +273,10 @@ def bench_peft(
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--smoke", action="store_true", help="tiny shapes, seconds")
-    ap.add_argument("--skip-peft", action="store_true")
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--device", default="cpu", help="hotlora's device (peft stays on the CPU)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
-    args = ap.parse_args(argv)
-    shape = SMOKE if args.smoke else FULL
-    distincts = [0, 1, 8] if args.smoke else [0, 1, 8, 32]
-    n = max(distincts)
-    print(f"shape {shape}, rank {args.rank}, torch threads {torch.get_num_threads()}", flush=True)
-    repeats = 1 if args.smoke else args.repeats
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        base, lora_names = build(root, shape, n, args.rank)
-        names = {"lora": lora_names}
-        if {"deu", "lora+deu"} & set(args.kinds):
-            deu_names = build_deu(root, shape, lora_names, args.rank)
-            names |= {"deu": deu_names[0::2], "lora+deu": deu_names[1::2]}
-        names = {k: v for k, v in names.items() if k == "lora" or k in args.kinds}
-        hot = bench_hotlora(
-            root, names, shape, args.rank, distincts, repeats, args.device, args.dtype
-        )
-        peft = (
-            {} if args.skip_peft else bench_peft(root, base, lora_names, shape, distincts, repeats)
-        )
+def print_tables(
+    hot: dict[str, dict[int, float]], peft: dict[int, float], distincts: list[int]
+) -> None:
+    """hotlora vs peft (LoRA), then every hotlora kind against hotlora without adapters."""
     base_tps = hot["lora"][0]
     print("\n| distinct adapters | hotlora tok/s | peft tok/s | hotlora/peft | hotlora/hotlora@0 |")
     print("|---:|---:|---:|---:|---:|")
@@ -236,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         peft_col = f"{p:.1f}" if p else "-"
         tps = hot["lora"][d]
         print(f"| {d} | {tps:.1f} | {peft_col} | {ratio} | {tps / base_tps:.3f} |")
-    if len(names) > 1:
-        kinds = [k for k in KINDS if k in names]
+    if len(hot) > 1:
+        kinds = [k for k in KINDS if k in hot]
         print(
             "\n| distinct adapters | " + " | ".join(f"{k} tok/s | {k}/none" for k in kinds) + " |"
         )
@@ -245,8 +295,62 @@ def main(argv: list[str] | None = None) -> int:
         for d in distincts:
             cols = [f"{hot[k][d]:.1f} | {hot[k][d] / base_tps:.3f}" for k in kinds]
             print(f"| {d} | " + " | ".join(cols) + " |")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", choices=sorted(MODELS), default="gpt2-small", help="base shapes")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes, seconds")
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--device", default="cpu", help="hotlora's device (peft stays on the CPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    return ap
+
+
+def run(
+    args: argparse.Namespace, shape: dict[str, int], distincts: list[int], repeats: int
+) -> tuple[dict[str, dict[int, float]], dict[int, float]]:
+    """Build the base and adapters in a temporary directory; hotlora's and peft's tok/s."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        base, lora_names = build(root, MODELS[args.model], shape, max(distincts), args.rank)
+        names = {"lora": lora_names}
+        if {"deu", "lora+deu"} & set(args.kinds):
+            deu_names = build_deu(root, lora_names, args.rank)
+            names |= {"deu": deu_names[0::2], "lora+deu": deu_names[1::2]}
+        names = {k: v for k, v in names.items() if k == "lora" or k in args.kinds}
+        hot = bench_hotlora(
+            root, names, shape, args.rank, distincts, repeats, args.device, args.dtype
+        )
+        if args.skip_peft:
+            return hot, {}
+        return hot, bench_peft(root, base, lora_names, shape, distincts, repeats, args.dtype)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    shape = model_shape(MODELS[args.model], args.smoke)
+    distincts = [0, 1, 8] if args.smoke else [0, 1, 8, 32]
+    flags = cpu_bf16_flags()
+    note = bf16_note(flags, args.dtype, args.device == "cpu" or not args.skip_peft)
+    print("cpu bf16: " + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in flags.items()))
+    if note:
+        print(f"NOTE: {note}", flush=True)
+    print(f"model {args.model}, dtype {args.dtype}, device {args.device}", flush=True)
+    print(f"shape {shape}, rank {args.rank}, torch threads {torch.get_num_threads()}", flush=True)
+    repeats = 1 if args.smoke else args.repeats
+    hot, peft = run(args, shape, distincts, repeats)
+    print_tables(hot, peft, distincts)
+    if note:
+        print(f"\nNOTE: {note}")
     if args.json:
-        args.json.write_text(json.dumps({"shape": shape, "hotlora": hot, "peft": peft}, indent=2))
+        report = {"shape": shape, "hotlora": hot, "peft": peft, "model": args.model}
+        report |= {"dtype": args.dtype, "device": args.device, "cpu_bf16": flags, "note": note}
+        args.json.write_text(json.dumps(report, indent=2))
     return 0
 
 

@@ -222,12 +222,15 @@ def random_deu(
     group_size: int = 1,
     gain: float = 0.5,
     base_name: str = "synthetic",
+    layout: Any = None,
 ) -> Any:
     """A DEUAdapter with random parameters spread over every regime (a, b, c in (0.2, 2)),
-    c1, c2 ~ N(0, 0.3), gain ~ N(0, gain); deterministic per seed."""
+    c1, c2 ~ N(0, 0.3), gain ~ N(0, gain); deterministic per seed. layout: the base family's
+    (adapters.layout; default GPT-2)."""
     import torch
 
     from adapters.deu_format import DEUAdapter, DEUConfig
+    from adapters.layout import GPT2_LAYOUT
 
     gen = torch.Generator().manual_seed(seed)
     layers = tuple(range(n_layer)) if layers is None else layers
@@ -238,7 +241,8 @@ def random_deu(
         c12 = 0.3 * torch.randn(2, groups, generator=gen)  # (2, G)
         g = gain * torch.randn(1, groups, generator=gen)  # (1, G)
         params[layer] = torch.cat([abc, c12, g])  # (6, G)
-    return DEUAdapter(DEUConfig(layers, group_size, base_name), params)
+    config = DEUConfig(layers, group_size, base_name, layout=layout or GPT2_LAYOUT)
+    return DEUAdapter(config, params)
 
 
 def adapter_files(path: Path) -> dict[str, tuple[str, bytes]]:

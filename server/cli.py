@@ -7,23 +7,23 @@ import logging
 import sys
 from pathlib import Path
 
-from adapters.demo_tasks import DEMO_ADAPTER_TASKS, DEMO_ADAPTERS, DEMO_MODEL, TASKS, prompt_for
+from adapters.demo_tasks import DEMO_MODEL, TASKS, demo_adapters, prompt_for
 
 log = logging.getLogger("hotlora")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    """One mixed batch on the demo model: every word through the base and every demo adapter."""
+    """One mixed batch on a demo model: every word through the base and every demo adapter."""
     from server.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine.from_pretrained(args.model, EngineConfig(max_batch=64))
     names = []
-    for adapter in DEMO_ADAPTER_TASKS:
-        path = DEMO_ADAPTERS / adapter
+    shipped = demo_adapters(args.model)
+    for adapter, (path, _) in shipped.items():
         if path.is_dir():
             engine.add_adapter(adapter, path)
             names.append(adapter)
-    task = {n: TASKS[t] for n, t in DEMO_ADAPTER_TASKS.items()}
+    task = {n: TASKS[t] for n, (_, t) in shipped.items()}
     words = args.words or ["hotlora", "adapter", "4719", "serving", "80512"]
     rows = [(w, n) for w in words for n in [None, *names] if n is None or task[n].accepts(w)]
     outs = engine.generate(
@@ -101,13 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="generate from the demo model with all demo adapters at once"
     )
-    demo.add_argument("--model", type=Path, default=DEMO_MODEL)
+    demo.add_argument(
+        "--model", type=Path, default=DEMO_MODEL,
+        help="a demo model (default: the GPT-2 demo; adapters/demo/hotlora-llama-demo: Llama)",
+    )
     demo.add_argument("words", nargs="*", help="inputs for the demo tasks")
     demo.set_defaults(func=_demo)
     serve = sub.add_parser(
         "serve", help="run the OpenAI-compatible server (settings also from HOTLORA_<NAME>)"
     )
-    serve.add_argument("--model", type=Path, help="GPT-2 directory (default: the demo model)")
+    serve.add_argument(
+        "--model", type=Path,
+        help="a gpt2/llama/mistral/qwen2/qwen3 directory (default: the demo model)",
+    )
     serve.add_argument("--adapter-store", type=Path, help="adapter store directory")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 
 from adapters.adapter import Adapter
 from adapters.cache import ByteLRU
-from adapters.demo_tasks import DEMO_ADAPTER_TASKS, DEMO_ADAPTERS, DEMO_MODEL
+from adapters.demo_tasks import demo_adapters
 from adapters.store import AdapterStore
 from server.config import Settings
 from server.engine import Engine, EngineConfig
@@ -40,12 +40,11 @@ def build_state(settings: Settings) -> AppState:
     store = AdapterStore(
         settings.adapter_store, engine.base_shapes, settings.max_rank, settings.max_upload_bytes
     )
-    if settings.seed_demo_adapters and settings.model.resolve() == DEMO_MODEL and not store.names():
-        for name in DEMO_ADAPTER_TASKS:
-            store.put_dir(name, DEMO_ADAPTERS / name)
-        log.info(
-            "adapter store was empty: added the demo adapters %s", ", ".join(DEMO_ADAPTER_TASKS)
-        )
+    shipped = demo_adapters(settings.model)
+    if settings.seed_demo_adapters and shipped and not store.names():
+        for name, (path, _) in shipped.items():
+            store.put_dir(name, path)
+        log.info("adapter store was empty: added the demo adapters %s", ", ".join(shipped))
     metrics = Metrics(max_lora=settings.max_adapters)
     cache: ByteLRU[str, Adapter] = ByteLRU(settings.cpu_cache_bytes)
     loop = EngineLoop(

@@ -77,6 +77,7 @@ def random_deu(
     layers: tuple[int, ...] | None = None,
     group_size: int = 1,
     gain: float = 0.5,
+    layout: Any = None,
 ) -> Any:
     """load_tests/common.py's random DEU adapter, for the base the tests call "test-base"."""
     from load_tests.common import random_deu as make
@@ -89,6 +90,7 @@ def random_deu(
         group_size=group_size,
         gain=gain,
         base_name="test-base",
+        layout=layout,
     )
 
 
@@ -107,21 +109,24 @@ def save_deu(
 
 
 def hf_with_deu(model: Any, deu: Any) -> Any:
-    """A copy of an HF GPT-2 (or PeftModel) whose MLP activations add gain * D(h), D from the
-    independent textbook reference (kernels.reference), not from the code under test."""
+    """A copy of an HF GPT-2 or Llama-family model (or PeftModel) whose MLP activations add
+    gain * D(h), D from the independent textbook reference (kernels.reference), not from the code
+    under test."""
     import copy
 
     from kernels.reference import deu_unit_reference
 
     model = copy.deepcopy(model)
-    gpt2 = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = hf.transformer.h if hasattr(hf, "transformer") else hf.model.layers
     for layer in deu.config.layers:
         params = deu.neuron_params(layer)  # (6, d_ff)
 
         def hook(_: Any, inputs: tuple[torch.Tensor], out: torch.Tensor, p: Any = params) -> Any:
             return out + p[5] * deu_unit_reference(inputs[0], p)
 
-        gpt2.transformer.h[layer].mlp.act.register_forward_hook(hook)
+        mlp = blocks[layer].mlp
+        (mlp.act if hasattr(mlp, "act") else mlp.act_fn).register_forward_hook(hook)
     return model
 
 
@@ -132,3 +137,50 @@ def random_prompts(n: int, seed: int = 0) -> list[list[int]]:
         torch.randint(0, 256, (int(k),), generator=gen).tolist()
         for k in torch.randint(3, 14, (n,), generator=gen)
     ]
+
+
+# Odd Llama-family shapes: GQA group sizes 1, 2 and 4, head_dim != hidden / heads, scaled RoPE,
+# tied and untied heads, Qwen2's q/k/v biases, Qwen3's q/k norms, 2-5 layers.
+LLAMA_FAMILIES: dict[str, dict[str, Any]] = {
+    "llama3-gqa2": {
+        "model_type": "llama", "num_hidden_layers": 3, "num_key_value_heads": 2, "head_dim": 24,
+        "rope_theta": 500000.0, "attention_bias": True, "mlp_bias": True,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
+    },
+    "llama-linear-mha-tied": {
+        "model_type": "llama", "num_hidden_layers": 2, "num_key_value_heads": 4,
+        "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "tie_word_embeddings": True,
+    },
+    "mistral-gqa4": {"model_type": "mistral", "num_hidden_layers": 4, "num_key_value_heads": 1,
+                     "sliding_window": 4096},
+    "qwen2-bias-tied": {"model_type": "qwen2", "num_hidden_layers": 2, "num_key_value_heads": 2,
+                        "tie_word_embeddings": True, "rope_theta": 1000000.0},
+    "qwen3-qknorm": {"model_type": "qwen3", "num_hidden_layers": 5, "num_key_value_heads": 2,
+                     "head_dim": 20},
+}
+
+
+def make_hf_llama(path: Path, family: str, seed: int = 0, dtype: Any = None) -> Any:
+    """A random Llama/Mistral/Qwen2/Qwen3 CausalLM (LLAMA_FAMILIES[family]) saved with
+    save_pretrained + the demo tokenizer; norms and biases perturbed so no layout error hides."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    kw = dict(LLAMA_FAMILIES[family])
+    cfg = AutoConfig.for_model(
+        kw.pop("model_type"), vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+        num_attention_heads=4, max_position_embeddings=128, bos_token_id=None,
+        eos_token_id=256, **kw,
+    )
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(0.05 * torch.randn_like(p) if "norm" in name or name.endswith("bias") else 0)
+    if dtype is not None:
+        model.to(dtype).save_pretrained(path)
+        model.float()
+    else:
+        model.save_pretrained(path)
+    build_tokenizer().save(str(path / "tokenizer.json"))
+    return model

@@ -21,7 +21,7 @@ from adapters.adapter import load_adapter
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, TASKS
 from adapters.format import BaseShapes
 from kernels.deu import deu_activation
-from server.engine.config import ModelConfig
+from server.engine.loader import read_config
 from training.train import TrainResult, accuracy, train_adapter
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,8 @@ def plot_shapes(adapter_dir: Path, png: Path, n: int = 6) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cfg = ModelConfig.from_file(DEMO_MODEL / "config.json", DEMO_MODEL.name)
-    shapes = BaseShapes.gpt2(cfg.n_layer, cfg.n_embd, cfg.n_inner)
+    _, cfg = read_config(DEMO_MODEL)
+    shapes = BaseShapes(cfg.n_layer, cfg.target_dims(), cfg.layout)
     deu = load_adapter(adapter_dir, name="plot", base=shapes, max_rank=64).deu
     assert deu is not None
     x = torch.linspace(-6, 6, 601)  # (X,)

@@ -31,25 +31,36 @@ from adapters.deu_format import DEUAdapter, DEUConfig
 from adapters.format import LoRAAdapter, LoRAModule
 from adapters.lora_config import LoRAConfig
 from kernels.deu import deu_activation
-from server.engine.config import ModelConfig
-from server.engine.model import GPT2, TARGETS
+from server.engine.models import ModelSpec
 
 log = logging.getLogger(__name__)
 
 
 class TrainableLoRA(nn.Module):
-    """A differentiable LoRA hook: y + (alpha / r) * (x @ A.T) @ B.T on the chosen targets."""
+    """A differentiable LoRA hook: y + (alpha / r) * (x @ A.T) @ B.T on the chosen targets.
 
-    def __init__(self, cfg: ModelConfig, rank: int, alpha: float, targets: tuple[str, ...]) -> None:
+    With `all_linear` the config says "all-linear" (PEFT's every-projection shorthand)."""
+
+    def __init__(
+        self, cfg: ModelSpec, rank: int, alpha: float, targets: tuple[str, ...],
+        all_linear: bool = False,
+    ) -> None:
         super().__init__()
         dims = cfg.target_dims()
+        self.layout, self.order = cfg.layout, tuple(dims)
+        unknown = sorted(set(targets) - set(self.order))
+        if unknown or not targets:
+            raise ValueError(f"LoRA targets {unknown or targets} are not among {self.order}")
+        if all_linear:
+            targets = self.order
         self.rank, self.alpha, self.targets, self.scale = rank, alpha, targets, alpha / rank
+        self.all_linear = all_linear
         self.A = nn.ParameterDict()
         self.B = nn.ParameterDict()
         for layer in range(cfg.n_layer):
             for t in targets:
                 d_in, d_out = dims[t]
-                key = self.key(layer, TARGETS.index(t))
+                key = self.key(layer, self.order.index(t))
                 self.A[key] = nn.Parameter(torch.randn(rank, d_in) / math.sqrt(d_in))  # (r, d_in)
                 self.B[key] = nn.Parameter(
                     torch.zeros(d_out, rank)
@@ -72,12 +83,13 @@ class TrainableLoRA(nn.Module):
                 "task_type": "CAUSAL_LM",
                 "r": self.rank,
                 "lora_alpha": self.alpha,
-                "target_modules": sorted(self.targets),
+                "target_modules": "all-linear" if self.all_linear else sorted(self.targets),
                 "bias": "none",
-                "fan_in_fan_out": True,
+                "fan_in_fan_out": self.layout.fan_in_fan_out,
                 "base_model_name_or_path": base_name,
             },
             adapter=name,
+            layout=self.layout,
         )
         modules = []
         for key, a in self.A.items():
@@ -85,29 +97,29 @@ class TrainableLoRA(nn.Module):
             modules.append(
                 LoRAModule(
                     layer=layer,
-                    target=TARGETS[t],
+                    target=self.order[t],
                     A=a.detach().float().contiguous(),
                     B=self.B[key].detach().float().contiguous(),
                     scaling=self.scale,
                 )
             )
-        modules.sort(key=lambda m: (m.layer, TARGETS.index(m.target)))
+        modules.sort(key=lambda m: (m.layer, self.order.index(m.target)))
         return LoRAAdapter(name=name, config=config, modules=tuple(modules))
 
 
 class TrainableDEU(nn.Module):
-    """Differentiable DEU activations: GELU(h) + g * D(h) per neuron group, on chosen layers.
+    """Differentiable DEU activations: act(h) + g * D(h) per neuron group, on chosen layers.
 
     a, b, c are softplus of raw parameters (positive: a stable system) initialised like the
     paper's U(0, 1); c1 = c2 = 0; the gain starts at 0, so training starts from the base model.
     """
 
-    def __init__(self, cfg: ModelConfig, layers: tuple[int, ...], group_size: int = 1) -> None:
+    def __init__(self, cfg: ModelSpec, layers: tuple[int, ...], group_size: int = 1) -> None:
         super().__init__()
-        if cfg.n_inner % group_size:
-            raise ValueError(f"group_size {group_size} does not divide d_ff {cfg.n_inner}")
-        self.layers, self.group_size = layers, group_size
-        groups = cfg.n_inner // group_size
+        if cfg.d_ff % group_size:
+            raise ValueError(f"group_size {group_size} does not divide d_ff {cfg.d_ff}")
+        self.layers, self.group_size, self.layout = layers, group_size, cfg.layout
+        groups = cfg.d_ff // group_size
         self.raw = nn.ParameterDict()  # layer -> (3, G): softplus^-1 of a, b, c
         self.free = nn.ParameterDict()  # layer -> (2, G): c1, c2
         self.gain = nn.ParameterDict()  # layer -> (G,)
@@ -134,7 +146,7 @@ class TrainableDEU(nn.Module):
 
     def to_adapter(self, base_name: str) -> DEUAdapter:
         # A LoRA part's config is written by save_adapter from the LoRA part itself.
-        config = DEUConfig(self.layers, self.group_size, base_name)
+        config = DEUConfig(self.layers, self.group_size, base_name, layout=self.layout)
         return DEUAdapter(
             config,
             {layer: self.params(layer).detach().float().contiguous() for layer in self.layers},
@@ -194,7 +206,7 @@ def batches(
 
 
 def fit(
-    model: GPT2,
+    model: nn.Module,
     groups: list[dict[str, Any]],
     data: Iterator[tuple[Tensor, Tensor]],
     steps: int,
@@ -217,7 +229,7 @@ def fit(
     for _ in bar:
         ids, tgt = next(data)
         pos = torch.arange(ids.shape[1]).expand_as(ids)
-        logits = model.logits(model(ids, pos, None, hook))  # (B, L, V)
+        logits = model.logits(model(ids, pos, None, hook))  # type: ignore[operator]  # (B, L, V)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -264,7 +276,8 @@ def train_adapter(
     *,
     rank: int = 8,
     alpha: float = 16.0,
-    targets: tuple[str, ...] = TARGETS,
+    targets: tuple[str, ...] | None = None,  # None: every target of the family
+    all_linear: bool = False,
     layers: tuple[int, ...] | None = None,
     group_size: int = 1,
     steps: int = 600,
@@ -275,22 +288,24 @@ def train_adapter(
     seed: int = 0,
 ) -> TrainResult:
     """Train an adapter of `kind` on `task`, write it to `out`, measure held-out accuracy."""
-    from server.engine.loader import load_gpt2
+    from server.engine.loader import load_model
     from server.engine.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
-    model, cfg = load_gpt2(base_dir, torch.device("cpu"), torch.float32)
+    model, cfg = load_model(base_dir, torch.device("cpu"), torch.float32)
     tok = load_tokenizer(base_dir)
-    lora = TrainableLoRA(cfg, rank, alpha, targets) if kind != "deu" else None
+    lora = None
+    if kind != "deu":
+        lora = TrainableLoRA(cfg, rank, alpha, targets or tuple(cfg.target_dims()), all_linear)
     deu = None
     if kind != "lora":
         deu = TrainableDEU(cfg, tuple(range(cfg.n_layer)) if layers is None else layers, group_size)
     hook = TrainableAdapter(lora, deu)
     groups = hook.param_groups(lr, deu_lr, gain_lr)
     n_params = sum(p.numel() for g in groups for p in g["params"])
-    data = batches(lambda s: tok.encode(s).ids, [task], batch_size, eos_id(tok), seed)
+    data = batches(tok.encode, [task], batch_size, eos_id(tok.raw), seed)
     t0 = time.perf_counter()
-    loss = fit(model, groups, data, steps, hook, desc=f"{kind}:{task.name}")
+    loss = fit(model, groups, data, steps, hook, desc=f"{kind}:{task.name}")  # type: ignore[arg-type]
     seconds = time.perf_counter() - t0
     log.info(
         "trained %s %s (%d params) in %.0f s, final loss %.4f",
@@ -306,14 +321,16 @@ def train_adapter(
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--base", type=Path, required=True, help="hotlora/HF GPT-2 model directory")
+    ap.add_argument("--base", type=Path, required=True, help="a GPT-2 or Llama-family model dir")
     ap.add_argument("--task", choices=sorted(TASKS), required=True)
     ap.add_argument("--out", type=Path, required=True, help="adapter directory to write")
     ap.add_argument("--kind", choices=["lora", "deu", "lora+deu"], default="lora")
     ap.add_argument("--rank", type=int, default=8, help="LoRA rank")
     ap.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
     ap.add_argument(
-        "--targets", nargs="+", choices=TARGETS, default=list(TARGETS), help="LoRA target modules"
+        "--targets", nargs="+",
+        help="LoRA targets, e.g. attn.c_attn (GPT-2) or self_attn.q_proj (Llama); 'all-linear' "
+        "for every projection; default: every projection, listed by name",
     )
     ap.add_argument("--layers", type=int, nargs="+", help="DEU layers (default: all)")
     ap.add_argument("--group-size", type=int, default=1, help="DEU neurons per parameter set")
@@ -333,7 +350,8 @@ def main(argv: list[str] | None = None) -> None:
         args.kind,
         rank=args.rank,
         alpha=args.alpha,
-        targets=tuple(args.targets),
+        targets=None if args.targets in (None, ["all-linear"]) else tuple(args.targets),
+        all_linear=args.targets == ["all-linear"],
         layers=None if args.layers is None else tuple(args.layers),
         group_size=args.group_size,
         steps=args.steps,

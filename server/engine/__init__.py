@@ -1,6 +1,6 @@
 """hotlora's engine: the frozen base model, resident adapters and batched generation."""
 
-from server.engine.config import EngineConfig, ModelConfig
+from server.engine.config import EngineConfig
 from server.engine.engine import Engine
 from server.engine.errors import EngineError, ModelLoadError, RequestError
 from server.engine.outputs import GenerationOutput, StepOutput
@@ -11,7 +11,6 @@ __all__ = [
     "EngineConfig",
     "EngineError",
     "GenerationOutput",
-    "ModelConfig",
     "ModelLoadError",
     "RequestError",
     "SamplingParams",

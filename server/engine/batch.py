@@ -9,7 +9,7 @@ from torch import Tensor
 
 from kernels import LoRAMeta, build_lora_meta
 from server.engine.kv_cache import KVCache
-from server.engine.model import AttnBatch
+from server.engine.models import AttnBatch
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from adapters.deu_format import DEUAdapter
 from kernels.deu import N_PLANES, deu_planes
-from server.engine.config import ModelConfig
+from server.engine.models import ModelSpec
 
 
 class DEUSlots:
@@ -17,9 +17,9 @@ class DEUSlots:
     exactly nothing; the planes are computed once here, never per step.
     """
 
-    def __init__(self, cfg: ModelConfig, max_slots: int, device: torch.device) -> None:
+    def __init__(self, cfg: ModelSpec, max_slots: int, device: torch.device) -> None:
         self.bank = torch.zeros(
-            cfg.n_layer, N_PLANES, max_slots, cfg.n_inner, device=device
+            cfg.n_layer, N_PLANES, max_slots, cfg.d_ff, device=device
         )  # (L, P, S, d_ff)
 
     def write(self, slot: int, adapter: DEUAdapter) -> None:

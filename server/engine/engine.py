@@ -1,4 +1,5 @@
-"""The public offline engine: a frozen GPT-2, resident LoRA/DEU adapters, batched generation.
+"""The public offline engine: a frozen base model of any supported family, resident LoRA/DEU
+adapters, batched generation.
 
 `generate` and the server's loop share one step function: `add_request` queues work, each
 `step` either admits waiting requests (prefill) or decodes every running row once.
@@ -18,17 +19,17 @@ import torch
 from adapters.adapter import Adapter, load_adapter
 from adapters.format import BaseShapes
 from server.engine.batch import StepBatch, build_step
-from server.engine.config import EngineConfig, ModelConfig
+from server.engine.config import DEFAULT_MAX_SEQ_LEN, EngineConfig
 from server.engine.deu_slots import DEUSlots
-from server.engine.errors import EngineError, RequestError
+from server.engine.errors import EngineError, ModelLoadError, RequestError
 from server.engine.hook import BatchAdapters
 from server.engine.kv_cache import KVCache
-from server.engine.loader import load_gpt2
+from server.engine.loader import load_model
 from server.engine.lora_slots import LoRASlots
-from server.engine.model import GPT2, TARGETS, Conv1D
+from server.engine.models import CausalLM
 from server.engine.outputs import GenerationOutput, StepOutput
 from server.engine.sampling import SamplingParams, make_generator, sample
-from server.engine.tokenizer import Detokenizer, Tokenizer, load_tokenizer
+from server.engine.tokenizer import Detokenizer, TextTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -74,25 +75,32 @@ class _Request:
 
 
 class Engine:
-    """A frozen GPT-2 serving many LoRA and DEU adapters in mixed batches."""
+    """A frozen base model serving many LoRA and DEU adapters in mixed batches."""
 
     def __init__(
-        self, model: GPT2, tokenizer: Tokenizer, config: EngineConfig, model_dir: Path
+        self, model: CausalLM, tokenizer: TextTokenizer, config: EngineConfig, model_dir: Path
     ) -> None:
         self.model, self.tokenizer, self.config = model, tokenizer, config
-        self.model_config: ModelConfig = model.cfg
+        cfg = self.model_config = model.cfg
         self.model_dir = model_dir
-        self.device = model.wte.weight.device
-        self.dtype = model.wte.weight.dtype
-        self.max_seq_len = min(config.max_seq_len or model.cfg.n_positions, model.cfg.n_positions)
-        self.kv = KVCache(model.cfg, config.max_batch, self.max_seq_len, self.device, self.dtype)
-        self.slots = LoRASlots(
-            model.cfg, config.max_adapters, config.max_rank, self.device, self.dtype
-        )
-        self.deu_slots = DEUSlots(model.cfg, config.max_adapters, self.device)
-        self.base_shapes = BaseShapes(n_layer=model.cfg.n_layer, dims=model.cfg.target_dims())
-        eos = model.cfg.eos_token_id
-        self.eos_token_id = eos if eos is not None and 0 <= eos < model.cfg.vocab_size else None
+        weight = next(iter(model.parameters()))
+        self.device, self.dtype = weight.device, weight.dtype
+        context = min(cfg.max_positions, DEFAULT_MAX_SEQ_LEN)
+        self.max_seq_len = min(config.max_seq_len or context, cfg.max_positions)
+        window = cfg.attention_window
+        if window is not None and window < self.max_seq_len:
+            raise ModelLoadError(
+                f"config.json: sliding_window={window} is smaller than the served context of "
+                f"{self.max_seq_len} tokens; hotlora attends to the whole context: serve with "
+                f"max_seq_len <= {window}"
+            )
+        self.kv = KVCache(cfg, config.max_batch, self.max_seq_len, self.device, self.dtype)
+        self.slots = LoRASlots(cfg, config.max_adapters, config.max_rank, self.device, self.dtype)
+        self.deu_slots = DEUSlots(cfg, config.max_adapters, self.device)
+        self.base_shapes = BaseShapes(cfg.n_layer, cfg.target_dims(), cfg.layout)
+        # generation_config.json's eos_token_id (an int or a list), else config.json's: as
+        # transformers' generate() stops.
+        self.eos_token_ids = frozenset(i for i in tokenizer.eos_token_ids if i < cfg.vocab_size)
         self._adapters: dict[str, _Resident] = {}
         self._free_slots = list(range(config.max_adapters - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
@@ -111,7 +119,9 @@ class Engine:
         device: str | None = None,
         dtype: str | None = None,
     ) -> Engine:
-        """Load a Hugging Face GPT-2 directory (config.json, model.safetensors, tokenizer.json)."""
+        """Load a Hugging Face model directory: config.json (model_type gpt2, llama, mistral,
+        qwen2 or qwen3), model.safetensors (or sharded), tokenizer.json (+ tokenizer_config.json,
+        generation_config.json)."""
         config = config or EngineConfig()
         if device is not None or dtype is not None:
             config = EngineConfig(
@@ -122,7 +132,7 @@ class Engine:
                 }
             )
         model_dir = Path(model_dir)
-        model, _ = load_gpt2(model_dir, config.torch_device(), config.torch_dtype())
+        model, _ = load_model(model_dir, config.torch_device(), config.torch_dtype())
         return cls(model, load_tokenizer(model_dir), config, model_dir)
 
     # ------------------------------------------------------------------ adapters
@@ -201,7 +211,7 @@ class Engine:
         return None if self._merged is None else self._merged.name
 
     def merge_adapter(self, name: str) -> None:
-        """Serve `name`'s LoRA from W + s * (B @ A).T; other rows get delta_j - delta_name.
+        """Serve `name`'s LoRA from W + s * B @ A; other rows get delta_j - delta_name.
 
         A DEU part cannot be merged (it is not linear) and keeps being applied per row.
         """
@@ -214,12 +224,11 @@ class Engine:
         if self._merged is not None:
             self.unmerge_adapter()
         for m in lora.modules:
-            t = TARGETS.index(m.target)
-            mod: Conv1D = self.model.target(m.layer, t)
-            pristine = mod.weight
-            merged = pristine.float() + self.slots.delta(m.layer, t, res.slot).T  # (d_in, d_out)
-            self._pristine[(m.layer, t)] = pristine
-            mod.weight = torch.nn.Parameter(merged.to(pristine.dtype), requires_grad=False)
+            t = self.slots.targets.index(m.target)
+            mod = self.model.target(m.layer, t)
+            merged = mod.merged_weight(self.slots.delta(m.layer, t, res.slot))
+            self._pristine[(m.layer, t)] = mod.weight
+            mod.weight = torch.nn.Parameter(merged, requires_grad=False)
         self._merged = res
         res.refs += 1  # the weights use it: its slot must outlive a removal
 
@@ -241,7 +250,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        ids = self.tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not ids:
             if self.model_config.bos_token_id is None:
                 raise RequestError("prompt is empty")
@@ -402,7 +411,7 @@ class Engine:
         p = req.params
         reason = None
         new_ids: list[int] = []
-        if token == self.eos_token_id and not p.ignore_eos:
+        if token in self.eos_token_ids and not p.ignore_eos:
             reason = "stop"
         else:
             req.out_ids.append(token)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.config import ModelConfig
 from server.engine.errors import EngineError
+from server.engine.models import ModelSpec
 
 
 class KVCache:
@@ -13,14 +13,15 @@ class KVCache:
 
     def __init__(
         self,
-        cfg: ModelConfig,
+        cfg: ModelSpec,
         max_rows: int,
         max_seq_len: int,
         device: torch.device,
         dtype: torch.dtype,
     ) -> None:
-        shape = (cfg.n_layer, max_rows, cfg.n_head, max_seq_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (n_layer, rows, H, S, D)
+        # Only the KV heads are stored: grouped-query heads share them.
+        shape = (cfg.n_layer, max_rows, cfg.n_kv_head, max_seq_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)  # (n_layer, rows, H_kv, S, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_rows, self.max_seq_len = max_rows, max_seq_len
         self._free = list(range(max_rows - 1, -1, -1))  # pop() hands out low rows first

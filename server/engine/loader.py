@@ -1,66 +1,102 @@
-"""Hugging Face GPT-2 directory -> a frozen `GPT2` on the chosen device and dtype."""
+"""A Hugging Face model directory -> a frozen model of its family on the chosen device and dtype.
+
+Reads config.json (the family comes from model_type) and model.safetensors or a sharded
+model.safetensors.index.json, in fp32, fp16 or bf16, cast to the engine's dtype. Every tensor
+the family expects must be there with its exact shape; nothing else may be. Pickle
+checkpoints are never unpickled.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from server.engine.config import ModelConfig
 from server.engine.errors import ModelLoadError
-from server.engine.model import GPT2
+from server.engine.models import CausalLM, Family, ModelSpec, family_of
 
 log = logging.getLogger(__name__)
 
-# Causal-mask buffers some checkpoints carry: not weights.
-_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 _PICKLE_FILES = ("pytorch_model.bin", "model.bin", "pytorch_model.bin.index.json")
+_INDEX = "model.safetensors.index.json"
 
 
-def _strip(key: str) -> str:
-    for prefix in ("transformer.", "model."):
-        if key.startswith(prefix):
-            return key[len(prefix) :]
-    return key
-
-
-def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """The checkpoint's weights under hotlora's names (no `transformer.` prefix, no buffers)."""
-    path = model_dir / "model.safetensors"
-    if not path.is_file():
-        pickles = [p for p in _PICKLE_FILES if (model_dir / p).exists()]
-        if pickles:
-            raise ModelLoadError(
-                f"{model_dir}: only a pickle checkpoint ({pickles[0]}) was found; hotlora never "
-                "unpickles weights: convert it to model.safetensors (safetensors format)"
-            )
-        raise ModelLoadError(f"{model_dir}: model.safetensors not found")
+def read_json(path: Path) -> dict[str, Any]:
     try:
-        raw = load_file(str(path), device="cpu")
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from e
+        raw = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"{path}: {path.name} not found") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{path}: expected a JSON object")
+    return raw
+
+
+def read_config(model_dir: Path) -> tuple[Family, ModelSpec]:
+    """The family and its validated config, from config.json."""
+    raw = read_json(model_dir / "config.json")
+    family = family_of(raw)
+    return family, cast(ModelSpec, family.config(raw, model_dir.resolve().name))
+
+
+def _shards(model_dir: Path) -> list[Path]:
+    single, index = model_dir / "model.safetensors", model_dir / _INDEX
+    if single.is_file():
+        return [single]
+    if index.is_file():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index}: weight_map must be a non-empty object")
+        names = sorted(set(weight_map.values()))
+        for name in names:
+            if not isinstance(name, str) or Path(name).name != name:
+                raise ModelLoadError(f"{index}: shard {name!r} must be a file name in {model_dir}")
+            if not (model_dir / name).is_file():
+                raise ModelLoadError(f"{index}: shard {name} is missing")
+        return [model_dir / n for n in names]
+    pickles = [p for p in _PICKLE_FILES if (model_dir / p).exists()]
+    if pickles:
+        raise ModelLoadError(
+            f"{model_dir}: only a pickle checkpoint ({pickles[0]}) was found; hotlora never "
+            "unpickles weights: convert it to model.safetensors (safetensors format)"
+        )
+    raise ModelLoadError(f"{model_dir}: neither model.safetensors nor {_INDEX} found")
+
+
+def read_state_dict(model_dir: Path, family: Family, cfg: ModelSpec) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights under hotlora's names (family prefixes and buffers dropped)."""
     state: dict[str, torch.Tensor] = {}
-    for key, tensor in raw.items():
-        if key.endswith(_BUFFER_SUFFIXES) or key == "lm_head.weight":
-            continue  # lm_head is tied to wte
-        state[_strip(key)] = tensor
+    for path in _shards(model_dir):
+        try:
+            raw = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ModelLoadError(f"{path}: not a readable safetensors file ({e})") from e
+        for key, tensor in raw.items():
+            ours = family.key(key, cfg)
+            if ours is not None:
+                if ours in state:
+                    raise ModelLoadError(f"{model_dir}: {key} appears twice")
+                state[ours] = tensor
     return state
 
 
-def load_gpt2(
+def load_model(
     model_dir: str | Path, device: torch.device, dtype: torch.dtype
-) -> tuple[GPT2, ModelConfig]:
-    """Build the model from config.json + model.safetensors, checking every shape."""
+) -> tuple[CausalLM, ModelSpec]:
+    """Build the model from config.json + its safetensors, checking every key and shape."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"{model_dir}: not a directory")
-    cfg = ModelConfig.from_file(model_dir / "config.json", name=model_dir.resolve().name)
-    state = read_state_dict(model_dir)
+    family, cfg = read_config(model_dir)
+    state = read_state_dict(model_dir, family, cfg)
     with torch.device("meta"):
-        model = GPT2(cfg)
+        model = family.model(cfg)
     expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
@@ -79,36 +115,16 @@ def load_gpt2(
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.requires_grad_(False).eval()
-    log.info(
-        "loaded %s: %d layers, d=%d, on %s/%s", cfg.name, cfg.n_layer, cfg.n_embd, device, dtype
-    )
-    return model, cfg
+    log.info("loaded %s (%s): %d layers on %s/%s", cfg.name, cfg.layout.family, cfg.n_layer,
+             device, dtype)
+    return cast(CausalLM, model), cfg
 
 
-def save_gpt2(model: GPT2, model_dir: str | Path) -> None:
-    """Write model.safetensors + config.json in the Hugging Face GPT-2 layout."""
-    import json
-
+def save_model(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Write model.safetensors + config.json in the family's Hugging Face layout."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    state = {
-        f"transformer.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()
-    }
+    state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items()}  # type: ignore[operator]
     save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    c = model.cfg
-    config = {
-        "model_type": "gpt2",
-        "architectures": ["GPT2LMHeadModel"],
-        "vocab_size": c.vocab_size,
-        "n_positions": c.n_positions,
-        "n_embd": c.n_embd,
-        "n_layer": c.n_layer,
-        "n_head": c.n_head,
-        "n_inner": c.n_inner,
-        "layer_norm_epsilon": c.layer_norm_epsilon,
-        "activation_function": c.activation_function,
-        "bos_token_id": c.bos_token_id,
-        "eos_token_id": c.eos_token_id,
-        "tie_word_embeddings": True,
-    }
+    config = model.cfg.to_hf_dict()  # type: ignore[union-attr, operator]
     (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -6,8 +6,7 @@ import torch
 from torch import Tensor
 
 from adapters.format import LoRAAdapter
-from server.engine.config import ModelConfig
-from server.engine.model import TARGETS
+from server.engine.models import ModelSpec
 
 
 class LoRASlots:
@@ -19,7 +18,7 @@ class LoRASlots:
 
     def __init__(
         self,
-        cfg: ModelConfig,
+        cfg: ModelSpec,
         max_slots: int,
         max_rank: int,
         device: torch.device,
@@ -27,6 +26,7 @@ class LoRASlots:
     ) -> None:
         self.max_slots, self.max_rank = max_slots, max_rank
         dims = cfg.target_dims()
+        self.targets = tuple(dims)  # the layout's order: the hook's target index
         self.A: list[list[Tensor]] = []
         self.B: list[list[Tensor]] = []
         # Stored rank-minor and used through transposed views: the CPU path's many-slot decode
@@ -35,24 +35,25 @@ class LoRASlots:
             self.A.append(
                 [
                     torch.zeros(max_slots, dims[t][0], max_rank, device=device, dtype=dtype).mT
-                    for t in TARGETS
+                    for t in self.targets
                 ]
             )  # (S, R, d_in) views
             self.B.append(
                 [
                     torch.zeros(max_slots, max_rank, dims[t][1], device=device, dtype=dtype).mT
-                    for t in TARGETS
+                    for t in self.targets
                 ]
             )  # (S, d_out, R) views
         # Scales stay fp32 whatever the model dtype; the negated copy serves merged batches.
-        self.scales = torch.zeros(cfg.n_layer, len(TARGETS), max_slots, device=device)  # (L, 4, S)
+        n_targets = len(self.targets)
+        self.scales = torch.zeros(cfg.n_layer, n_targets, max_slots, device=device)  # (L, T, S)
         self.neg_scales = torch.zeros_like(self.scales)
 
     def write(self, slot: int, adapter: LoRAAdapter) -> None:
         """Copy an adapter into a slot, zeroing whatever an earlier occupant left there."""
         self.clear(slot)
         for m in adapter.modules:
-            t = TARGETS.index(m.target)
+            t = self.targets.index(m.target)
             self.A[m.layer][t][slot, : m.rank].copy_(m.A)
             self.B[m.layer][t][slot, :, : m.rank].copy_(m.B)
             self.scales[m.layer, t, slot] = m.scaling

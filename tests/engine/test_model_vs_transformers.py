@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from server.engine import Engine, EngineConfig, ModelLoadError, SamplingParams
-from server.engine.loader import load_gpt2
+from server.engine.loader import load_model
 from tests.helpers import VOCAB, make_hf_model
 
 CONFIGS = {
@@ -26,7 +26,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(tmp_path: Path, name: str) -> None:
     hf = make_hf_model(tmp_path, **CONFIGS[name])
-    model, _ = load_gpt2(tmp_path, torch.device("cpu"), torch.float32)
+    model, _ = load_model(tmp_path, torch.device("cpu"), torch.float32)
     ids = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(0))
     pos = torch.arange(17).expand(3, 17)
     with torch.no_grad():

@@ -82,11 +82,11 @@ def test_eos_finishes_with_stop_and_is_not_emitted(engine: Engine) -> None:
     p = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
     prompt = [5, 6, 7]
     full = engine.generate([prompt], params=p)[0].token_ids
-    engine.eos_token_id, saved = full[3], engine.eos_token_id
+    engine.eos_token_ids, saved = frozenset({full[3]}), engine.eos_token_ids
     try:
         out = engine.generate([prompt], params=SamplingParams(max_tokens=30, temperature=0.0))[0]
     finally:
-        engine.eos_token_id = saved
+        engine.eos_token_ids = saved
     assert out.finish_reason == "stop"
     assert out.token_ids == full[: full.index(full[3])]
 

@@ -37,8 +37,14 @@ def test_ranks(R: int, pattern: str, dtype: torch.dtype, storage: str) -> None:
     _run(dtype, storage=storage, T=24, d_in=256, d_out=320, R=R, S=32, pattern=pattern)
 
 
+# GPT-2-small's c_attn / c_fc / mlp.c_proj, then Llama-family GQA targets: SmolLM-135M's k/v
+# (576 -> 3 KV heads x 64), gate/up and down, and Llama-3-8B's k/v (4096 -> 8 x 128).
+SHAPES = [(768, 2304), (768, 3072), (3072, 768), (40, 72), (576, 192), (576, 1536), (1536, 576),
+          (4096, 1024)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d_in,d_out", [(768, 2304), (768, 3072), (3072, 768), (40, 72)])
+@pytest.mark.parametrize("d_in,d_out", SHAPES)
 @pytest.mark.parametrize("T", [1, 7, 512])
 def test_shapes(d_in: int, d_out: int, T: int, dtype: torch.dtype) -> None:
     _run(dtype, T=T, d_in=d_in, d_out=d_out, R=16, S=6, pattern="many")

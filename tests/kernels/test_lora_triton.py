@@ -32,8 +32,12 @@ def test_ranks(R: int, dtype: torch.dtype) -> None:
     _run(make_case(T=9, d_in=40, d_out=72, R=R, S=5, pattern="many", dtype=dtype), dtype)
 
 
+# GPT-2-small targets, then Llama-family GQA ones (SmolLM-135M k/v and down, Llama-3-8B k/v).
 @pytest.mark.parametrize("dtype", INTERP_DTYPES, ids=str)
-@pytest.mark.parametrize("d_in,d_out", [(768, 2304), (768, 3072), (3072, 768), (40, 72)])
+@pytest.mark.parametrize(
+    "d_in,d_out",
+    [(768, 2304), (768, 3072), (3072, 768), (40, 72), (576, 192), (1536, 576), (4096, 1024)],
+)
 @pytest.mark.parametrize("T", [1, 6])
 def test_shapes(d_in: int, d_out: int, T: int, dtype: torch.dtype) -> None:
     case = make_case(T=T, d_in=d_in, d_out=d_out, R=16, S=4, pattern="many", dtype=dtype)
@@ -154,7 +158,10 @@ def test_gpu_ranks(dtype: torch.dtype, R: int) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
-@pytest.mark.parametrize("d_in,d_out", [(768, 2304), (768, 3072), (3072, 768), (40, 72)])
+@pytest.mark.parametrize(
+    "d_in,d_out", [(768, 2304), (768, 3072), (3072, 768), (40, 72), (576, 192), (4096, 1024),
+                   (4096, 14336), (14336, 4096)],
+)
 @pytest.mark.parametrize("T", [1, 32, 700])
 def test_gpu_shapes(dtype: torch.dtype, d_in: int, d_out: int, T: int) -> None:
     _check_gpu(T, d_in, d_out, 16, "many", dtype)

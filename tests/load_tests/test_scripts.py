@@ -23,6 +23,7 @@ sys.path.insert(0, str(LOAD_TESTS))
 
 import baseline_server  # noqa: E402
 import bench_gpu_kernels  # noqa: E402
+import bench_offline  # noqa: E402
 import bench_serving  # noqa: E402
 import common  # noqa: E402
 import soak  # noqa: E402
@@ -32,6 +33,7 @@ SCRIPTS = {
     "baseline_server": baseline_server.build_parser,
     "soak": soak.build_parser,
     "bench_gpu_kernels": bench_gpu_kernels.build_parser,
+    "bench_offline": bench_offline.build_parser,
 }
 
 
@@ -226,6 +228,66 @@ def test_synthetic_adapter_loads_in_hotlora(tmp_path: Path) -> None:
         path, name="x", base=BaseShapes.gpt2(dims.n_layer, dims.n_embd, dims.n_inner), max_rank=8
     )
     assert a.rank == 4 and len(a.modules) == 4 * dims.n_layer
+
+
+# ---------------------------------------------------------------------------- bench_offline
+
+
+def test_bench_offline_cpu_bf16_flags_and_note(tmp_path: Path) -> None:
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile\n")
+    assert bench_offline.cpu_bf16_flags(info) == {"avx512_bf16": False, "amx_bf16": True}
+    none = bench_offline.cpu_bf16_flags(tmp_path / "missing")
+    assert none == {"avx512_bf16": False, "amx_bf16": False}
+    assert bench_offline.bf16_note(none, "bfloat16", cpu_runs=True) == bench_offline.BF16_NOTE
+    assert bench_offline.bf16_note(none, "bfloat16", cpu_runs=False) is None
+    assert bench_offline.bf16_note(none, "float32", cpu_runs=True) is None
+    assert bench_offline.bf16_note({"amx_bf16": True}, "bfloat16", cpu_runs=True) is None
+
+
+def test_bench_offline_base_shapes_from_config(tmp_path: Path) -> None:
+    """One code path reads both families' adapter shapes from the saved config.json."""
+    import transformers
+
+    from adapters.format import BaseShapes
+
+    for name, expected in [
+        ("smollm-135m", BaseShapes.llama(30, 576, 1536, 9, 3)),
+        ("gpt2-small", BaseShapes.gpt2(12, 768)),
+    ]:
+        model = bench_offline.MODELS[name]
+        kwargs = {**model.full, **model.fixed}
+        getattr(transformers, model.config_cls)(**kwargs).save_pretrained(tmp_path / name)
+        shapes = bench_offline.base_shapes(tmp_path / name)
+        assert (shapes.n_layer, dict(shapes.dims), shapes.layout) == (
+            expected.n_layer,
+            dict(expected.dims),
+            expected.layout,
+        )
+    assert shapes.d_ff == 3072 and bench_offline.base_shapes(tmp_path / "smollm-135m").d_ff == 1536
+
+
+def _table_cells(out: str) -> list[list[str]]:
+    """The data rows of the printed markdown tables, first column (distinct adapters) dropped."""
+    rows = [ln for ln in out.splitlines() if ln.startswith("| ") and "distinct" not in ln]
+    return [[c.strip() for c in ln.strip("|").split("|")][1:] for ln in rows]
+
+
+def test_bench_offline_smollm_smoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "offline.json"
+    assert bench_offline.main(["--model", "smollm-135m", "--smoke", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cpu bf16: avx512_bf16" in printed and "model smollm-135m" in printed
+    doc = json.loads(out.read_text())
+    assert doc["model"] == "smollm-135m" and doc["shape"]["num_key_value_heads"] == 2
+    assert set(doc["hotlora"]) == {"lora", "deu", "lora+deu"}
+    for kind, tps in doc["hotlora"].items():
+        assert set(tps) == {"0", "1", "8"} and all(v > 0 for v in tps.values()), kind
+    assert set(doc["peft"]) == {"0", "1", "8"} and all(v > 0 for v in doc["peft"].values())
+    cells = _table_cells(printed)
+    assert len(cells) == 6  # 3 rows of the peft table, 3 of the per-kind table
+    assert [len(r) for r in cells] == [4] * 3 + [6] * 3
+    assert all(float(c.rstrip("x")) > 0 for r in cells for c in r)
 
 
 # ---------------------------------------------------------------------------- end to end

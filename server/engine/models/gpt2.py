@@ -9,47 +9,125 @@ about adapters or batching policy.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from server.engine.config import ACTIVATIONS, ModelConfig
+from adapters.layout import GPT2_LAYOUT, ModuleLayout, gpt2_dims
+from server.engine.errors import ModelLoadError
+from server.engine.models.base import AdapterHook, AttnBatch, cached_kv
 
-# Adapter targets in the order the hook receives their index.
-TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-C_ATTN, ATTN_PROJ, C_FC, MLP_PROJ = range(4)
+C_ATTN, ATTN_PROJ, C_FC, MLP_PROJ = range(4)  # indices into GPT2_LAYOUT.targets
 
-
-class AdapterHook(Protocol):
-    """Applies every token's adapter to the frozen model."""
-
-    def lora(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor:
-        """y + delta(x) at adapter target `target` (an index into TARGETS)."""
-        ...
-
-    def activation(self, layer: int, h: Tensor, y: Tensor) -> Tensor:
-        """The MLP activation's output y = GELU(h), adapted (y + g * D(h) for DEU rows)."""
-        ...
+# The activations GPT-2-family checkpoints name in config.json, mapped to torch's approximations.
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
 @dataclass(frozen=True)
-class AttnBatch:
-    """Per-step view of the static KV cache, built once and shared by all layers.
+class GPT2Config:
+    """The GPT-2 hyper-parameters hotlora reads from a Hugging Face config.json."""
 
-    Query token (b, l) sits at position `positions[b, l]` of cache row `rows[b]`; it attends
-    to every cached position <= its own, which `mask` encodes once for all layers.
-    """
+    vocab_size: int
+    n_positions: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_inner: int
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    scale_attn_by_inverse_layer_idx: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    name: str = "gpt2"
 
-    k_cache: Tensor  # (n_layer, max_rows, H, S, D)
-    v_cache: Tensor  # (n_layer, max_rows, H, S, D)
-    rows: Tensor  # (B,) int64 cache rows
-    row_range: tuple[int, int] | None  # (start, stop) when rows are contiguous: read a view
-    positions: Tensor  # (B, L) int64
-    mask: Tensor  # (B, 1, L, S_used) bool, True = attend
-    s_used: int  # cache positions any query of this step can see
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_kv_head(self) -> int:
+        return self.n_head
+
+    @property
+    def max_positions(self) -> int:
+        return self.n_positions
+
+    @property
+    def d_ff(self) -> int:
+        return self.n_inner
+
+    @property
+    def layout(self) -> ModuleLayout:
+        return GPT2_LAYOUT
+
+    @property
+    def attention_window(self) -> int | None:
+        return None
+
+    def target_dims(self) -> dict[str, tuple[int, int]]:
+        """(d_in, d_out) of every projection an adapter may target."""
+        return gpt2_dims(self.n_embd, self.n_inner)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], name: str = "gpt2") -> GPT2Config:
+        def field(key: str, default: Any = None) -> Any:
+            value = raw.get(key, default)
+            if value is None and default is None:
+                raise ModelLoadError(f"config.json: missing field {key!r}")
+            return value
+
+        act = raw.get("activation_function", "gelu_new")
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(
+                f"config.json: activation_function {act!r} is not supported "
+                f"(one of {sorted(ACTIVATIONS)})"
+            )
+        if raw.get("reorder_and_upcast_attn", False):
+            raise ModelLoadError("config.json: reorder_and_upcast_attn=true is not supported")
+        if not raw.get("scale_attn_weights", True):
+            raise ModelLoadError("config.json: scale_attn_weights=false is not supported")
+        n_embd, n_head = int(field("n_embd")), int(field("n_head"))
+        if n_embd % n_head:
+            raise ModelLoadError(
+                f"config.json: n_embd={n_embd} is not divisible by n_head={n_head}"
+            )
+        eos = raw.get("eos_token_id")
+        return cls(
+            vocab_size=int(field("vocab_size")),
+            n_positions=int(field("n_positions")),
+            n_embd=n_embd,
+            n_layer=int(field("n_layer")),
+            n_head=n_head,
+            n_inner=int(raw.get("n_inner") or 4 * n_embd),
+            layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),
+            activation_function=act,
+            scale_attn_by_inverse_layer_idx=bool(raw.get("scale_attn_by_inverse_layer_idx", False)),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+            name=name,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json as transformers' GPT2Config writes the fields hotlora reads."""
+        return {
+            "model_type": "gpt2",
+            "architectures": ["GPT2LMHeadModel"],
+            "vocab_size": self.vocab_size,
+            "n_positions": self.n_positions,
+            "n_embd": self.n_embd,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_inner": self.n_inner,
+            "layer_norm_epsilon": self.layer_norm_epsilon,
+            "activation_function": self.activation_function,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "tie_word_embeddings": True,
+        }
 
 
 class Conv1D(nn.Module):
@@ -63,9 +141,12 @@ class Conv1D(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return torch.addmm(self.bias, x, self.weight)  # (T, d_out)
 
+    def merged_weight(self, delta: Tensor) -> Tensor:
+        return (self.weight.float() + delta.T).to(self.weight.dtype)  # (d_in, d_out)
+
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: GPT2Config, layer: int) -> None:
         super().__init__()
         self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)
         self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
@@ -85,7 +166,7 @@ class Attention(nn.Module):
         if attn is None:  # training / reference: the whole sequence, no cache
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            k, v = self._cached_kv(attn, k, v)  # (B, H, S_used, D)
+            k, v = cached_kv(attn, self.layer, k, v)  # (B, H, S_used, D)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, scale=self.scale)
         o2 = o.transpose(1, 2).reshape(B * L, d)  # (T, d)
         y = self.c_proj(o2)
@@ -93,20 +174,9 @@ class Attention(nn.Module):
             y = adapters.lora(self.layer, ATTN_PROJ, o2, y)
         return y.view(B, L, d)
 
-    def _cached_kv(self, attn: AttnBatch, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write this step's keys/values into the cache, return everything the queries may see."""
-        kc, vc = attn.k_cache[self.layer], attn.v_cache[self.layer]  # (max_rows, H, S, D)
-        rows = attn.rows[:, None].expand_as(attn.positions)  # (B, L)
-        kc[rows, :, attn.positions] = k.transpose(1, 2)  # (B, L, H, D) scattered
-        vc[rows, :, attn.positions] = v.transpose(1, 2)
-        if attn.row_range is not None:
-            lo, hi = attn.row_range
-            return kc[lo:hi, :, : attn.s_used], vc[lo:hi, :, : attn.s_used]
-        return kc[attn.rows, :, : attn.s_used], vc[attn.rows, :, : attn.s_used]
-
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: GPT2Config, layer: int) -> None:
         super().__init__()
         self.c_fc = Conv1D(cfg.n_embd, cfg.n_inner)
         self.c_proj = Conv1D(cfg.n_inner, cfg.n_embd)
@@ -128,7 +198,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+    def __init__(self, cfg: GPT2Config, layer: int) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.n_embd, eps=cfg.layer_norm_epsilon)
         self.attn = Attention(cfg, layer)
@@ -143,7 +213,7 @@ class Block(nn.Module):
 class GPT2(nn.Module):
     """The GPT-2 transformer with its tied language-model head."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: GPT2Config) -> None:
         super().__init__()
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
@@ -186,3 +256,17 @@ class GPT2(nn.Module):
         block: Block = self.h[layer]  # type: ignore[assignment]
         mods = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         return mods[target]
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """The weights under GPT2LMHeadModel's names (lm_head is tied, so not written)."""
+        return {f"transformer.{k}": v for k, v in self.state_dict().items()}
+
+
+def gpt2_key(key: str, cfg: GPT2Config) -> str | None:
+    """A checkpoint key -> hotlora's name, or None for what is not a weight of ours."""
+    if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+        return None  # causal-mask buffers; lm_head is tied to wte
+    for prefix in ("transformer.", "model."):
+        if key.startswith(prefix):
+            return key[len(prefix) :]
+    return key

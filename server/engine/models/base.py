@@ -1,0 +1,120 @@
+"""What every model family shares: the adapter hook, the per-step attention view, the KV-cache
+read/write, and the small interfaces the engine reads from a family's config and model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor, nn
+
+from adapters.layout import ModuleLayout
+
+
+class AdapterHook(Protocol):
+    """Applies every token's adapter to the frozen model."""
+
+    def lora(self, layer: int, target: int, x: Tensor, y: Tensor) -> Tensor:
+        """y + delta(x) at adapter target `target` (an index into the layout's targets)."""
+        ...
+
+    def activation(self, layer: int, h: Tensor, y: Tensor) -> Tensor:
+        """The MLP activation's output y = act(h), adapted (y + g * D(h) for DEU rows)."""
+        ...
+
+
+@dataclass(frozen=True)
+class AttnBatch:
+    """Per-step view of the static KV cache, built once and shared by all layers.
+
+    Query token (b, l) sits at position `positions[b, l]` of cache row `rows[b]`; it attends
+    to every cached position <= its own, which `mask` encodes once for all layers.
+    """
+
+    k_cache: Tensor  # (n_layer, max_rows, H_kv, S, D)
+    v_cache: Tensor  # (n_layer, max_rows, H_kv, S, D)
+    rows: Tensor  # (B,) int64 cache rows
+    row_range: tuple[int, int] | None  # (start, stop) when rows are contiguous: read a view
+    positions: Tensor  # (B, L) int64
+    mask: Tensor  # (B, 1, L, S_used) bool, True = attend
+    s_used: int  # cache positions any query of this step can see
+
+
+def cached_kv(attn: AttnBatch, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Write this step's keys/values (B, H_kv, L, D) into the cache; return everything the
+    queries may see, (B, H_kv, S_used, D)."""
+    kc, vc = attn.k_cache[layer], attn.v_cache[layer]  # (max_rows, H_kv, S, D)
+    rows = attn.rows[:, None].expand_as(attn.positions)  # (B, L)
+    kc[rows, :, attn.positions] = k.transpose(1, 2)  # (B, L, H_kv, D) scattered
+    vc[rows, :, attn.positions] = v.transpose(1, 2)
+    if attn.row_range is not None:
+        lo, hi = attn.row_range
+        return kc[lo:hi, :, : attn.s_used], vc[lo:hi, :, : attn.s_used]
+    return kc[attn.rows, :, : attn.s_used], vc[attn.rows, :, : attn.s_used]
+
+
+class Projection(Protocol):
+    """An adaptable projection: its weight can take a merged dense update."""
+
+    weight: nn.Parameter
+
+    def merged_weight(self, delta: Tensor) -> Tensor:
+        """The weight with delta (d_out, d_in, fp32) added, in the weight's own layout."""
+        ...
+
+
+class ModelSpec(Protocol):
+    """What the engine reads from a family's frozen config."""
+
+    name: str
+    vocab_size: int
+    n_layer: int
+    bos_token_id: int | None
+    eos_token_id: int | None
+
+    @property
+    def max_positions(self) -> int: ...
+
+    @property
+    def n_kv_head(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @property
+    def d_ff(self) -> int: ...
+
+    @property
+    def layout(self) -> ModuleLayout: ...
+
+    @property
+    def attention_window(self) -> int | None:
+        """A sliding attention window, if the checkpoint was trained with one."""
+        ...
+
+    def target_dims(self) -> Mapping[str, tuple[int, int]]:
+        """(d_in, d_out) of every adapter target, in the layout's target order."""
+        ...
+
+
+class CausalLM(Protocol):
+    """A family's model as the engine drives it (an nn.Module)."""
+
+    cfg: ModelSpec
+
+    def __call__(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        attn: AttnBatch | None = None,
+        adapters: AdapterHook | None = None,
+    ) -> Tensor:
+        """Final hidden states (B, L, d), after the last norm."""
+        ...
+
+    def logits(self, hidden: Tensor) -> Tensor: ...
+
+    def target(self, layer: int, target: int) -> Projection: ...
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...

@@ -1,0 +1,490 @@
+"""The Llama family in plain torch: Llama, Mistral, Qwen2 and Qwen3 share one block.
+
+    x -> x + o(attn(rope(q(n(x))), rope(k(n(x))), v(n(x))))
+    x -> x + down(silu(gate(n(x))) * up(n(x)))
+
+with RMSNorm n, grouped-query attention (the KV cache holds only the KV heads) and rotary
+positions. The families differ only in config flags read once at load: biases on q/k/v (Qwen2,
+Llama's attention_bias), a bias on o (attention_bias), MLP biases (Llama's mlp_bias), per-head
+RMSNorm on q and k (Qwen3), and the RoPE frequencies (default, linear or llama3 scaling).
+Weight names are Hugging Face's, with Linear weights stored [out, in].
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adapters.layout import LLAMA_LAYOUT, ModuleLayout, llama_dims
+from server.engine.errors import ModelLoadError
+from server.engine.models.base import AdapterHook, AttnBatch, cached_kv
+
+Q, K, V, OUT, GATE, UP, DOWN = range(7)  # indices into LLAMA_LAYOUT.targets
+
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' per-family defaults for fields a config.json may omit.
+_MAX_POSITIONS = {"llama": 2048, "mistral": 4096 * 32, "qwen2": 32768, "qwen3": 32768}
+_ROPE_TABLE = 8192  # positions whose cos/sin are precomputed; longer contexts grow it once
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling (Hugging Face's rope_parameters / rope_scaling)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def inv_freq(self, theta: float, head_dim: int) -> Tensor:
+        """(head_dim / 2,) float32 inverse frequencies, as transformers computes them."""
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        inv = 1.0 / (theta**exponent)  # (D/2,)
+        if self.rope_type == "linear":
+            return inv / self.factor
+        if self.rope_type == "llama3":
+            old = self.original_max_position_embeddings
+            low_wavelen, high_wavelen = old / self.low_freq_factor, old / self.high_freq_factor
+            wavelen = 2 * math.pi / inv
+            scaled = torch.where(wavelen > low_wavelen, inv / self.factor, inv)
+            smooth = (old / wavelen - self.low_freq_factor) / (
+                self.high_freq_factor - self.low_freq_factor
+            )
+            smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+            medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+            return torch.where(medium, smoothed, scaled)
+        return inv
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The hyper-parameters hotlora reads from a Llama/Mistral/Qwen2/Qwen3 config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope: RopeScaling = RopeScaling()
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    attention_window: int | None = None  # sliding window, if the checkpoint uses one
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    name: str = "llama"
+
+    @property
+    def max_positions(self) -> int:
+        return self.max_position_embeddings
+
+    @property
+    def d_ff(self) -> int:
+        return self.intermediate_size
+
+    @property
+    def layout(self) -> ModuleLayout:
+        return LLAMA_LAYOUT
+
+    def target_dims(self) -> dict[str, tuple[int, int]]:
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        return llama_dims(self.hidden_size, self.intermediate_size, q, kv)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], name: str = "llama") -> LlamaConfig:
+        mt = raw.get("model_type")
+        if mt not in MODEL_TYPES:
+            raise ModelLoadError(f"config.json: model_type {mt!r} is not one of {MODEL_TYPES}")
+
+        def field(key: str, default: Any = None) -> Any:
+            value = raw.get(key, default)
+            if value is None and default is None:
+                raise ModelLoadError(f"config.json: missing field {key!r}")
+            return value
+
+        def integer(key: str, default: Any = None) -> int:
+            value = field(key, default)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ModelLoadError(
+                    f"config.json: {key} must be a positive integer, got {value!r}"
+                )
+            return value
+
+        act = raw.get("hidden_act", "silu")
+        if act != "silu":
+            raise ModelLoadError(f"config.json: hidden_act {act!r} is not supported (only 'silu')")
+        hidden, n_head = integer("hidden_size"), integer("num_attention_heads")
+        n_kv = integer("num_key_value_heads", n_head)
+        if n_head % n_kv:
+            raise ModelLoadError(
+                f"config.json: num_key_value_heads={n_kv} does not divide "
+                f"num_attention_heads={n_head}"
+            )
+        head_dim = raw.get("head_dim") or (128 if mt == "qwen3" else None)
+        if head_dim is None:
+            if hidden % n_head:
+                raise ModelLoadError(
+                    f"config.json: hidden_size={hidden} is not divisible by "
+                    f"num_attention_heads={n_head}; give head_dim"
+                )
+            head_dim = hidden // n_head
+        head_dim = integer("head_dim", head_dim) if "head_dim" in raw else head_dim
+        if head_dim % 2:
+            raise ModelLoadError(f"config.json: head_dim={head_dim} must be even (RoPE)")
+        max_pos = integer("max_position_embeddings", _MAX_POSITIONS[mt])
+        theta, rope = _rope(raw, max_pos)
+        eos = raw.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) and eos else eos
+        if eos is not None and not isinstance(eos, int):
+            raise ModelLoadError("config.json: eos_token_id must be an int or a list of ints")
+        attention_bias = bool(raw.get("attention_bias", False))
+        return cls(
+            model_type=mt,
+            vocab_size=integer("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=integer("intermediate_size"),
+            n_layer=integer("num_hidden_layers"),
+            n_head=n_head,
+            n_kv_head=n_kv,
+            head_dim=head_dim,
+            max_position_embeddings=max_pos,
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope=rope,
+            # Qwen2 always has q/k/v biases and no o bias; Mistral has neither.
+            qkv_bias=mt == "qwen2" or (attention_bias and mt in ("llama", "qwen3")),
+            o_bias=attention_bias and mt in ("llama", "qwen3"),
+            mlp_bias=bool(raw.get("mlp_bias", False)) and mt == "llama",
+            qk_norm=mt == "qwen3",
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_window=_window(raw, mt),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=eos,
+            name=name,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """config.json as transformers 5 writes it for this family."""
+        rope: dict[str, Any] = {"rope_type": self.rope.rope_type, "rope_theta": self.rope_theta}
+        if self.rope.rope_type != "default":
+            rope["factor"] = self.rope.factor
+        if self.rope.rope_type == "llama3":
+            rope |= {
+                "low_freq_factor": self.rope.low_freq_factor,
+                "high_freq_factor": self.rope.high_freq_factor,
+                "original_max_position_embeddings": self.rope.original_max_position_embeddings,
+            }
+        out: dict[str, Any] = {
+            "model_type": self.model_type,
+            "architectures": [_ARCHITECTURES[self.model_type]],
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.n_layer,
+            "num_attention_heads": self.n_head,
+            "num_key_value_heads": self.n_kv_head,
+            "head_dim": self.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_parameters": rope,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+        if self.model_type in ("llama", "qwen3"):
+            out["attention_bias"] = self.o_bias
+        if self.model_type == "llama":
+            out["mlp_bias"] = self.mlp_bias
+        return out
+
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+
+def _rope(raw: Mapping[str, Any], max_pos: int) -> tuple[float, RopeScaling]:
+    """rope_theta and the scaling, from transformers 5's rope_parameters or 4's rope_scaling."""
+    params = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    if not isinstance(params, Mapping):
+        raise ModelLoadError(f"config.json: rope_parameters must be an object, got {params!r}")
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ROPE_TYPES:
+        raise ModelLoadError(
+            f"config.json: rope_scaling type {kind!r} is not supported (one of {ROPE_TYPES})"
+        )
+    partial = params.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))
+    if partial != 1.0:
+        raise ModelLoadError(f"config.json: partial_rotary_factor={partial} is not supported")
+    if kind == "default":
+        return theta, RopeScaling()
+    try:
+        factor = float(params["factor"])
+        if kind == "linear":
+            return theta, RopeScaling("linear", factor)
+        return theta, RopeScaling(
+            "llama3",
+            factor,
+            float(params["low_freq_factor"]),
+            float(params["high_freq_factor"]),
+            int(params.get("original_max_position_embeddings", max_pos)),
+        )
+    except KeyError as e:
+        raise ModelLoadError(f"config.json: rope_scaling type {kind!r} needs {e.args[0]!r}") from e
+
+
+def _window(raw: Mapping[str, Any], model_type: str) -> int | None:
+    window = raw.get("sliding_window")
+    if model_type == "mistral":
+        return window
+    layer_types = raw.get("layer_types") or []
+    if raw.get("use_sliding_window", False) or "sliding_attention" in layer_types:
+        return window
+    return None
+
+
+class Linear(nn.Module):
+    """y = x @ W.T + b with W stored [out, in], as nn.Linear checkpoints store it."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(d_out, d_in))
+        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)  # (T, d_out)
+
+    def merged_weight(self, delta: Tensor) -> Tensor:
+        return (self.weight.float() + delta).to(self.weight.dtype)  # (d_out, d_in)
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * w, normalised in float32 and cast back before the weight (as transformers)."""
+
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on (B, H, L, D) with cos/sin (B, 1, L, D): the rotate-half form Hugging Face uses."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, L, D)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        dims = cfg.target_dims()
+        self.q_proj = Linear(*dims["self_attn.q_proj"], bias=cfg.qkv_bias)
+        self.k_proj = Linear(*dims["self_attn.k_proj"], bias=cfg.qkv_bias)
+        self.v_proj = Linear(*dims["self_attn.v_proj"], bias=cfg.qkv_bias)
+        self.o_proj = Linear(*dims["self_attn.o_proj"], bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.layer, self.n_head, self.n_kv, self.head_dim = (
+            layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        )
+        self.scale = cfg.head_dim**-0.5
+
+    def _project(
+        self, x2: Tensor, target: int, proj: Linear, norm: RMSNorm | None, heads: int, B: int,
+        adapters: AdapterHook | None,
+    ) -> Tensor:
+        y = proj(x2)  # (T, heads * D)
+        if adapters is not None:
+            y = adapters.lora(self.layer, target, x2, y)
+        y = y.view(B, -1, heads, self.head_dim)  # (B, L, heads, D)
+        if norm is not None:
+            y = norm(y)
+        return y.transpose(1, 2)  # (B, heads, L, D)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        attn: AttnBatch | None,
+        adapters: AdapterHook | None,
+    ) -> Tensor:
+        B, L, d = x.shape
+        x2 = x.reshape(B * L, d)  # (T, d)
+        q = self._project(x2, Q, self.q_proj, self.q_norm, self.n_head, B, adapters)
+        k = self._project(x2, K, self.k_proj, self.k_norm, self.n_kv, B, adapters)
+        v = self._project(x2, V, self.v_proj, None, self.n_kv, B, adapters)
+        cos, sin = rope
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, L, D), (B, H_kv, L, D)
+        gqa = self.n_kv != self.n_head
+        if attn is None:  # training / reference: the whole sequence, no cache
+            o = F.scaled_dot_product_attention(
+                q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa
+            )
+        else:
+            k, v = cached_kv(attn, self.layer, k, v)  # (B, H_kv, S_used, D)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn.mask, scale=self.scale, enable_gqa=gqa
+            )  # (B, H, L, D)
+        o2 = o.transpose(1, 2).reshape(B * L, self.n_head * self.head_dim)  # (T, H * D)
+        y = self.o_proj(o2)
+        if adapters is not None:
+            y = adapters.lora(self.layer, OUT, o2, y)
+        return y.view(B, L, d)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x)); a DEU adapter reshapes the silu per neuron."""
+
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        dims = cfg.target_dims()
+        self.gate_proj = Linear(*dims["mlp.gate_proj"], bias=cfg.mlp_bias)
+        self.up_proj = Linear(*dims["mlp.up_proj"], bias=cfg.mlp_bias)
+        self.down_proj = Linear(*dims["mlp.down_proj"], bias=cfg.mlp_bias)
+        self.layer = layer
+
+    def forward(self, x: Tensor, adapters: AdapterHook | None) -> Tensor:
+        B, L, d = x.shape
+        x2 = x.reshape(B * L, d)  # (T, d)
+        g = self.gate_proj(x2)  # (T, d_ff)
+        u = self.up_proj(x2)  # (T, d_ff)
+        if adapters is not None:
+            g = adapters.lora(self.layer, GATE, x2, g)
+            u = adapters.lora(self.layer, UP, x2, u)
+        a = F.silu(g)  # (T, d_ff)
+        if adapters is not None:
+            a = adapters.activation(self.layer, g, a)
+        m = a * u  # (T, d_ff)
+        y = self.down_proj(m)  # (T, d)
+        if adapters is not None:
+            y = adapters.lora(self.layer, DOWN, m, y)
+        return y.view(B, L, d)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, layer)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        attn: AttnBatch | None,
+        adapters: AdapterHook | None,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, attn, adapters)
+        return x + self.mlp(self.post_attention_layernorm(x), adapters)
+
+
+class Llama(nn.Module):
+    """A Llama-family decoder with its language-model head (tied to the embedding or not)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = (
+            None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, False)
+        )
+        self._rope_cache: tuple[Tensor, Tensor] | None = None
+
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
+        """Llama's initialisation, for models trained from scratch."""
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("bias"):
+                    p.zero_()
+                elif "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+    def _rope_table(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos and sin (P, D) float32 for positions [0, P), P >= n: computed once, grown rarely."""
+        cache = self._rope_cache
+        if cache is None or cache[0].shape[0] < n or cache[0].device != device:
+            size = max(n, min(_ROPE_TABLE, self.cfg.max_position_embeddings))
+            inv = self.cfg.rope.inv_freq(self.cfg.rope_theta, self.cfg.head_dim).to(device)
+            freqs = torch.arange(size, device=device).float()[:, None] * inv  # (P, D/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (P, D)
+            cache = self._rope_cache = (emb.cos(), emb.sin())
+        return cache
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, L)
+        positions: Tensor,  # (B, L)
+        attn: AttnBatch | None = None,
+        adapters: AdapterHook | None = None,
+    ) -> Tensor:
+        """Final hidden states (B, L, d), after the last RMSNorm."""
+        x = self.embed_tokens(input_ids)  # (B, L, d)
+        cos_t, sin_t = self._rope_table(int(positions.max()) + 1, x.device)
+        rope = (
+            cos_t[positions][:, None].to(x.dtype),  # (B, 1, L, D)
+            sin_t[positions][:, None].to(x.dtype),
+        )
+        for block in self.layers:
+            x = block(x, rope, attn, adapters)
+        return self.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., d) -> logits (..., V)."""
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, head)
+
+    def target(self, layer: int, target: int) -> Linear:
+        """The projection module an adapter target index names."""
+        block: Block = self.layers[layer]  # type: ignore[assignment]
+        a, m = block.self_attn, block.mlp
+        mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
+        return mods[target]
+
+    def hf_state_dict(self) -> dict[str, Tensor]:
+        """The weights under LlamaForCausalLM's names."""
+        out = {f"model.{k}": v for k, v in self.state_dict().items() if not k.startswith("lm_")}
+        if self.lm_head is not None:
+            out["lm_head.weight"] = self.lm_head.weight
+        return out
+
+
+def llama_key(key: str, cfg: LlamaConfig) -> str | None:
+    """A checkpoint key -> hotlora's name, or None for what is not a weight of ours."""
+    if key.endswith("rotary_emb.inv_freq"):
+        return None  # a buffer older checkpoints carry
+    if key == "lm_head.weight":
+        return None if cfg.tie_word_embeddings else key  # a tied head is the embedding
+    return key[len("model.") :] if key.startswith("model.") else key

@@ -1,0 +1,267 @@
+"""Llama, Mistral, Qwen2 and Qwen3 bases against transformers, their PEFT adapters against peft,
+and the mixed-batch rule on the Llama path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from adapters.layout import LLAMA_LAYOUT
+from server.engine import Engine, EngineConfig, ModelLoadError, SamplingParams
+from server.engine.loader import load_model
+from tests.helpers import (
+    LLAMA_FAMILIES,
+    VOCAB,
+    hf_with_deu,
+    make_hf_llama,
+    make_peft_adapter,
+    random_deu,
+    random_prompts,
+    save_deu,
+)
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}  # fp32 on CPU: same math, same order as transformers
+
+# peft LoraConfig variants on the Llama projections, each reproduced exactly.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "all_linear": {"target_modules": "all-linear", "r": 4, "lora_alpha": 8},
+    "attn_patterns": {
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"], "r": 4, "lora_alpha": 4,
+        "use_rslora": True, "rank_pattern": {"k_proj": 2, "layers.0.self_attn.q_proj": 8},
+        "alpha_pattern": {"v_proj": 7.0},
+    },
+    "mlp_layers": {"target_modules": ["gate_proj", "up_proj", "down_proj"],
+                   "layers_to_transform": [1], "r": 3, "lora_alpha": 6},
+    "regex": {"target_modules": r".*\.layers\.[02]\.(self_attn\.v_proj|mlp\.down_proj)",
+              "r": 2, "lora_alpha": 2},
+}
+
+
+@pytest.mark.parametrize("family", sorted(LLAMA_FAMILIES))
+def test_logits_match_transformers(tmp_path: Path, family: str) -> None:
+    hf = make_hf_llama(tmp_path, family)
+    model, cfg = load_model(tmp_path, torch.device("cpu"), torch.float32)
+    assert cfg.layout is LLAMA_LAYOUT
+    ids = torch.randint(0, VOCAB, (3, 37), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(37).expand(3, 37)
+    with torch.no_grad():
+        want = hf(ids).logits
+    torch.testing.assert_close(model.logits(model(ids, pos)), want, **TOL)
+
+
+@pytest.mark.parametrize("family", sorted(LLAMA_FAMILIES))
+def test_cached_greedy_generation_matches_transformers(tmp_path: Path, family: str) -> None:
+    """Prompts of different lengths in one batch: prefill, GQA KV cache and decode per row."""
+    hf = make_hf_llama(tmp_path, family)
+    engine = Engine.from_pretrained(tmp_path, EngineConfig(max_batch=4, max_adapters=1, max_rank=4))
+    assert engine.kv.k.shape[2] == LLAMA_FAMILIES[family]["num_key_value_heads"]
+    prompts = random_prompts(4, seed=3)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    for prompt, out in zip(prompts, engine.generate(prompts, params=params), strict=True):
+        with torch.no_grad():
+            ref = hf.generate(
+                torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None,
+                pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            )
+        assert out.token_ids == ref[0, len(prompt) :].tolist()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_checkpoints_are_cast_to_the_engine_dtype(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    make_hf_llama(tmp_path, "qwen2-bias-tied", dtype=dtype)
+    from safetensors.torch import load_file
+
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert all(t.dtype == dtype for t in on_disk.values())
+    model, _ = load_model(tmp_path, torch.device("cpu"), torch.float32)
+    for name, p in model.named_parameters():  # type: ignore[attr-defined]
+        assert p.dtype == torch.float32
+        key = name if name.startswith("lm_head") else f"model.{name}"
+        assert torch.equal(p, on_disk[key].float())
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path / "one", "llama3-gqa2")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    a, _ = load_model(tmp_path / "one", torch.device("cpu"), torch.float32)
+    b, _ = load_model(tmp_path / "sharded", torch.device("cpu"), torch.float32)
+    for (ka, pa), (kb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):  # type: ignore[attr-defined]
+        assert ka == kb and torch.equal(pa, pb)
+
+
+# ---------------------------------------------------------------------------- adapters
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any]:
+    path = tmp_path_factory.mktemp("llama")
+    return path, make_hf_llama(path, "llama3-gqa2")
+
+
+@pytest.fixture(scope="module")
+def adapters(
+    tmp_path_factory: pytest.TempPathFactory, base: tuple[Path, Any]
+) -> dict[str, tuple[Path, Any]]:
+    out = {}
+    for i, (name, kwargs) in enumerate(sorted(VARIANTS.items())):
+        path = tmp_path_factory.mktemp(name)
+        out[name] = (path, make_peft_adapter(base[1], path, seed=20 + i, **kwargs))
+    return out
+
+
+def _engine(base_dir: Path) -> Engine:
+    return Engine.from_pretrained(base_dir, EngineConfig(max_batch=16, max_adapters=8, max_rank=8))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_adapter_logits_equal_peft(
+    base: tuple[Path, Any], adapters: dict[str, tuple[Path, Any]], variant: str
+) -> None:
+    path, peft_model = adapters[variant]
+    engine = _engine(base[0])
+    engine.add_adapter(variant, path)
+    prompts = random_prompts(3)
+    got = engine.prompt_logits(prompts, [variant] * 3)
+    for p, g in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            want = peft_model(torch.tensor([p])).logits[0]
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():  # the adapter must matter, or the comparison proves nothing
+            assert (base[1](torch.tensor([p])).logits[0] - want).abs().max() > 1e-3
+
+
+def test_deu_on_the_swiglu_gate_equals_the_reference(
+    base: tuple[Path, Any], tmp_path: Path
+) -> None:
+    deu = random_deu(3, 96, seed=5, layout=LLAMA_LAYOUT)
+    from adapters.format import BaseShapes
+
+    shapes = BaseShapes.llama(3, 64, 96, 4, 2, head_dim=24)
+    path = save_deu(tmp_path / "deu", deu, shapes)
+    engine = _engine(base[0])
+    engine.add_adapter("deu", path)
+    ref = hf_with_deu(base[1], deu)
+    for p, g in zip(random_prompts(3), engine.prompt_logits(random_prompts(3), ["deu"] * 3),
+                    strict=True):
+        with torch.no_grad():
+            want = ref(torch.tensor([p])).logits[0]
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+
+
+def test_mixed_batch_rows_equal_solo_rows_and_merged_equals_unmerged(
+    base: tuple[Path, Any], adapters: dict[str, tuple[Path, Any]], tmp_path: Path
+) -> None:
+    from adapters.format import BaseShapes
+
+    shapes = BaseShapes.llama(3, 64, 96, 4, 2, head_dim=24)
+    deu = random_deu(3, 96, seed=7, layout=LLAMA_LAYOUT)
+    engine = _engine(base[0])
+    for name, (path, _) in adapters.items():
+        engine.add_adapter(name, path)
+    engine.add_adapter("deu", save_deu(tmp_path / "deu", deu, shapes))
+    both = save_deu(tmp_path / "both", deu, shapes, lora_dir=adapters["all_linear"][0], name="b")
+    engine.add_adapter("lora+deu", both)
+    names: list[str | None] = [None, *sorted(adapters), "deu", "lora+deu", "all_linear", None]
+    prompts = random_prompts(len(names), seed=11)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    mixed = engine.generate(prompts, names, params)
+    mixed_logits = engine.prompt_logits(prompts, names)
+    for i, (p, n) in enumerate(zip(prompts, names, strict=True)):
+        assert engine.generate([p], [n], params)[0].token_ids == mixed[i].token_ids
+        # Tokens are equal; logits to rounding (the base GEMM's blocking depends on batch size).
+        torch.testing.assert_close(engine.prompt_logits([p], [n])[0], mixed_logits[i], **TOL)
+    engine.merge_adapter("lora+deu")
+    merged = engine.prompt_logits(prompts, names)
+    for got, want in zip(merged, mixed_logits, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    engine.unmerge_adapter()
+    for got, want in zip(engine.prompt_logits(prompts, names), mixed_logits, strict=True):
+        assert torch.equal(got, want)
+
+
+# ---------------------------------------------------------------------------- refusals
+
+
+def _edit_config(path: Path, **changes: Any) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            cfg.pop(key, None)
+        else:
+            cfg[key] = value
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model_type": "gemma"}, r"'gemma' is not supported \(one of \['gpt2', 'llama'"),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}},
+         r"rope_scaling type 'yarn' is not supported \(one of \('default', 'linear', 'llama3'\)"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "needs 'factor'"),
+        ({"num_key_value_heads": 3}, "num_key_value_heads=3 does not divide"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not supported"),
+        ({"hidden_size": None}, "missing field 'hidden_size'"),
+        ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
+        ({"intermediate_size": 100}, r"mlp.gate_proj.weight has shape \(96, 64\), config implies"),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_field(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    make_hf_llama(tmp_path, "llama3-gqa2")
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ModelLoadError, match=message):
+        Engine.from_pretrained(tmp_path)
+
+
+def test_missing_tensor_is_refused_naming_it(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    make_hf_llama(tmp_path, "qwen3-qknorm")
+    state = load_file(tmp_path / "model.safetensors")
+    del state["model.layers.2.self_attn.k_norm.weight"]
+    save_file(state, tmp_path / "model.safetensors")
+    with pytest.raises(ModelLoadError, match=r"missing \['layers.2.self_attn.k_norm.weight'\]"):
+        Engine.from_pretrained(tmp_path)
+
+
+def test_untied_config_on_a_tied_checkpoint_is_refused_naming_the_head(tmp_path: Path) -> None:
+    make_hf_llama(tmp_path, "qwen2-bias-tied")
+    _edit_config(tmp_path, tie_word_embeddings=False)
+    with pytest.raises(ModelLoadError, match=r"missing \['lm_head.weight'\]"):
+        Engine.from_pretrained(tmp_path)
+
+
+def test_mistral_sliding_window_below_the_context_is_refused(tmp_path: Path) -> None:
+    make_hf_llama(tmp_path, "mistral-gqa4")
+    _edit_config(tmp_path, sliding_window=64)
+    with pytest.raises(ModelLoadError, match="sliding_window=64 is smaller than the served"):
+        Engine.from_pretrained(tmp_path)
+    engine = Engine.from_pretrained(tmp_path, EngineConfig(max_seq_len=64))
+    assert engine.max_seq_len == 64  # a window at or above the served context is ignored
+
+
+def test_pickle_checkpoint_refused(tmp_path: Path) -> None:
+    make_hf_llama(tmp_path, "qwen2-bias-tied")
+    (tmp_path / "model.safetensors").rename(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="never unpickles"):
+        Engine.from_pretrained(tmp_path)
+
+
+def test_gpt2_adapter_is_refused_by_a_llama_base(base: tuple[Path, Any], tmp_path: Path) -> None:
+    from adapters.errors import AdapterError
+    from tests.helpers import make_hf_model
+
+    gpt2 = make_hf_model(tmp_path / "gpt2")
+    make_peft_adapter(gpt2, tmp_path / "a")
+    with pytest.raises(AdapterError, match="matches none of hotlora's target modules"):
+        _engine(base[0]).add_adapter("a", tmp_path / "a")
