@@ -13,7 +13,7 @@ once per (layer, target) and does no sorting and no host<->device syncs on its G
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -72,6 +72,9 @@ class LoRAMeta:
     cpu_plan: CpuPlan  # torch strategy when B is stored as (S, d_out, R)
     cpu_plan_rowwise: CpuPlan  # ... when B is stored as (S, R, d_out) (B[k, :, r] contiguous)
     max_slot: int  # largest active slot, -1 when empty (checked against S without a sync)
+    # The gathered CPU path's storage-row indices, slot * K + arange(K) (N, K), per row width
+    # K the step's caller named (a projection's d_in, the rank): built once, not once per call.
+    gather_rows: Mapping[int, Tensor] = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -122,11 +125,17 @@ def _choose_cpu_plan(n_active: int, n_segments: int, n_runs: int, rowwise: bool)
     return "segments"
 
 
-def build_lora_meta(token_slots: Tensor | Sequence[int], device: torch.device | str) -> LoRAMeta:
+def build_lora_meta(
+    token_slots: Tensor | Sequence[int],
+    device: torch.device | str,
+    row_widths: Sequence[int] = (),
+) -> LoRAMeta:
     """Sort tokens by slot and build segment, run and tile maps: sorted_tokens = argsort(slots).
 
     ``token_slots`` holds one slot id per token (-1 = no adapter). A device tensor costs one
     device->host copy; everything is computed on the host and shipped in one host->device copy.
+    ``row_widths``: the d_in and R of the weights this step will use; when the CPU path will
+    gather, their row indices are built here once for every layer.
     """
     if isinstance(token_slots, Tensor):
         if token_slots.dim() != 1:
@@ -187,6 +196,10 @@ def build_lora_meta(token_slots: Tensor | Sequence[int], device: torch.device | 
     seg_starts_host = tuple(seg_starts.tolist())
     run_starts_host = tuple(run_starts.tolist())
     counts_host = (seg_starts_host[-1], len(seg_slots_host), len(run_starts_host))
+    plan_rowwise = _choose_cpu_plan(*counts_host, rowwise=True)
+    gather_rows = {}
+    if plan_rowwise == "gathered" and torch.device(device).type == "cpu":
+        gather_rows = {k: torch.arange(k) + active_slots.unsqueeze(1) * k for k in row_widths}
     return LoRAMeta(
         token_slots=views[0],
         sorted_tokens=views[1],
@@ -204,8 +217,9 @@ def build_lora_meta(token_slots: Tensor | Sequence[int], device: torch.device | 
         tile_ends=views[8],
         block_m=block_m,
         cpu_plan=_choose_cpu_plan(*counts_host, rowwise=False),
-        cpu_plan_rowwise=_choose_cpu_plan(*counts_host, rowwise=True),
+        cpu_plan_rowwise=plan_rowwise,
         max_slot=seg_slots_host[-1] if seg_slots_host else -1,
+        gather_rows=gather_rows,
     )
 
 
@@ -242,9 +256,14 @@ def check_lora_args(
     dtype = x.dtype
     if not dtype.is_floating_point:
         raise TypeError(f"x must be floating point, got {dtype}")
-    if y.dtype != dtype or A.dtype != dtype or B.dtype != dtype:
+    # CPU half activations may come with float32 weights: the torch path computes in fp32.
+    w_dtypes = (dtype, torch.float32) if dtype in _HALF_DTYPES and x.device.type == "cpu" else (
+        dtype,
+    )
+    if y.dtype != dtype or A.dtype != B.dtype or A.dtype not in w_dtypes:
         raise TypeError(
-            f"x, y, A, B must share one dtype, got x {dtype}, y {y.dtype}, A {A.dtype}, B {B.dtype}"
+            f"x, y, A, B must share one dtype (A and B may be float32 for CPU half x), got "
+            f"x {dtype}, y {y.dtype}, A {A.dtype}, B {B.dtype}"
         )
     if scales.dtype != torch.float32:
         raise TypeError(f"scales must be float32, got {scales.dtype}")
@@ -270,7 +289,8 @@ def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta:
     """In place: y[t] += scales[k] * B[k] @ (A[k] @ x[t]) for k = token_slots[t] >= 0.
 
     y (T, d_out), x (T, d_in), A (S, R, d_in), B (S, d_out, R), scales (S,) float32.
-    CUDA fp16/bf16/fp32 runs the Triton SGMV kernels; everything else the torch path.
+    CUDA fp16/bf16/fp32 runs the Triton SGMV kernels; everything else the torch path, which
+    computes CPU fp16/bf16 in fp32 (A and B are best kept float32 there: no per-call upcast).
     """
     check_lora_args(y, x, A, B, scales, meta)
     if meta.empty:
@@ -282,9 +302,9 @@ def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta:
         sgmv_expand(y, sgmv_shrink(x, A, meta), B, scales, meta)
         return
     if x.dtype in _HALF_DTYPES and x.device.type == "cpu":
-        # CPU half matmuls are slow and lossy; this is a correctness path, not a fast one.
-        # fp32 holds every fp16/bf16 value exactly, so rows without an adapter round-trip
-        # bit-exactly through y32.
+        # The low-rank products run in fp32: only x and y are converted per call (the engine
+        # keeps CPU slot buffers in fp32). fp32 holds every fp16/bf16 value exactly, so rows
+        # without an adapter round-trip bit-exactly through y32.
         y32 = y.float()  # (T, d_out)
         _torch_apply(y32, x.float(), A.float(), B.float(), scales, meta)
         y.copy_(y32)
@@ -349,20 +369,24 @@ def _apply_gathered(
     """
     slots = meta.active_slots  # (N,)
     xs = x if meta.all_active else x.index_select(0, meta.active_tokens)  # (N, d_in)
-    h = _slot_matvec(xs, A, slots)  # (N, R)
+    h = _slot_matvec(xs, A, slots, meta.gather_rows)  # (N, R)
     h.mul_(scales.index_select(0, slots).unsqueeze(1))
-    delta = _slot_matvec(h, B, slots)  # (N, d_out)
+    delta = _slot_matvec(h, B, slots, meta.gather_rows)  # (N, d_out)
     if meta.all_active:
         y.add_(delta)
     else:
         y.index_add_(0, meta.active_tokens, delta)
 
 
-def _slot_matvec(v: Tensor, W: Tensor, slots: Tensor) -> Tensor:
+def _slot_matvec(
+    v: Tensor, W: Tensor, slots: Tensor, rows_by_width: Mapping[int, Tensor]
+) -> Tensor:
     """out[n] = W[slots[n]] @ v[n] for v (N, K), W (S, M, K): one call, no loop over tokens."""
     S, M, K = W.shape
     if _rows_contiguous(W):
-        rows = torch.arange(K, device=v.device) + slots.unsqueeze(1) * K  # (N, K)
+        rows = rows_by_width.get(K)  # (N, K)
+        if rows is None:
+            rows = torch.arange(K, device=v.device) + slots.unsqueeze(1) * K  # (N, K)
         return F.embedding_bag(
             rows, W.transpose(1, 2).reshape(S * K, M), mode="sum", per_sample_weights=v
         )  # (N, M)

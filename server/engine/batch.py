@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +44,13 @@ def build_step(
     deu_slots: list[int],
     merged_slot: int | None,
     device: torch.device,
+    row_widths: Sequence[int] = (),
 ) -> StepBatch:
     """Rows `rows` feed `tokens[b]` at positions starts[b], starts[b]+1, ... (right-padded).
 
     slots[b] is row b's LoRA slot and deu_slots[b] its DEU slot (-1 = none). With
     `merged_slot` set, that LoRA is in the weights: its rows take no delta and every other row
-    subtracts it.
+    subtracts it. `row_widths`: the LoRA weights' row widths (LoRASlots.row_widths).
     """
     B, L = len(rows), max(len(t) for t in tokens)
     ids = torch.zeros(B, L, dtype=torch.long)
@@ -70,7 +72,7 @@ def build_step(
     minus = None
     if merged_slot is not None:
         minus = build_lora_meta(
-            per_token([-1 if s == merged_slot else merged_slot for s in slots]), device
+            per_token([-1 if s == merged_slot else merged_slot for s in slots]), device, row_widths
         )
     attn = AttnBatch(
         k_cache=kv.k,
@@ -86,7 +88,7 @@ def build_step(
         positions=positions.to(device),
         last=torch.tensor([n - 1 for n in lengths], device=device),
         attn=attn,
-        lora=build_lora_meta(plus, device),
+        lora=build_lora_meta(plus, device, row_widths),
         lora_minus=minus,
         deu=build_lora_meta(per_token(deu_slots), device),
     )

@@ -393,6 +393,7 @@ class Engine:
             [r.deu_slot for r in batch],
             merged,
             self.device,
+            self.slots.row_widths,
         )
         hidden = self.model(
             step.input_ids, step.positions, step.attn, self._hook(step)
@@ -452,7 +453,10 @@ class Engine:
         rows = [self.kv.allocate() for _ in prompts]
         try:
             merged = None if self._merged is None else self._merged.slot
-            step = build_step(self.kv, rows, ids, [0] * len(ids), lora, deu, merged, self.device)
+            step = build_step(
+                self.kv, rows, ids, [0] * len(ids), lora, deu, merged, self.device,
+                self.slots.row_widths,
+            )
             hidden = self.model(step.input_ids, step.positions, step.attn, self._hook(step))
             return [self.model.logits(hidden[b, : len(t)]).float() for b, t in enumerate(ids)]
         finally:

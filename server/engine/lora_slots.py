@@ -13,7 +13,8 @@ class LoRASlots:
     """A (S, R, d_in) and B (S, d_out, R) per layer and target, zero-padded to rank R.
 
     A slot holding no module for some (layer, target) keeps zeros and scale 0 there, so the
-    batched op needs no per-module special case.
+    batched op needs no per-module special case. On CPU a half-precision engine keeps them in
+    float32, the dtype its LoRA op computes in, so no call converts a whole buffer.
     """
 
     def __init__(
@@ -25,8 +26,12 @@ class LoRASlots:
         dtype: torch.dtype,
     ) -> None:
         self.max_slots, self.max_rank = max_slots, max_rank
+        if device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
         dims = cfg.target_dims()
         self.targets = tuple(dims)  # the layout's order: the hook's target index
+        # Row widths of the stored weights (every d_in, and R): the step's gather indices.
+        self.row_widths = tuple(sorted({d_in for d_in, _ in dims.values()} | {max_rank}))
         self.A: list[list[Tensor]] = []
         self.B: list[list[Tensor]] = []
         # Stored rank-minor and used through transposed views: the CPU path's many-slot decode

@@ -265,3 +265,96 @@ def test_gpt2_adapter_is_refused_by_a_llama_base(base: tuple[Path, Any], tmp_pat
     make_peft_adapter(gpt2, tmp_path / "a")
     with pytest.raises(AdapterError, match="matches none of hotlora's target modules"):
         _engine(base[0]).add_adapter("a", tmp_path / "a")
+
+
+def _edit_adapter(src: Path, dst: Path, config: dict[str, Any] | None = None,
+                  tensors: Any = None) -> Path:
+    """A copy of an adapter dir with config fields overridden and tensors transformed."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text()) | (config or {})
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    state = load_file(src / "adapter_model.safetensors")
+    save_file(tensors(state) if tensors else state, dst / "adapter_model.safetensors")
+    return dst
+
+
+def _nan_first(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    key = sorted(state)[0]
+    state[key] = state[key].clone()
+    state[key][0, 0] = float("nan")
+    return state
+
+
+def _narrow_q(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    key = next(k for k in sorted(state) if "q_proj.lora_A" in k)
+    state[key] = state[key][:, :-8].contiguous()  # trained for a narrower hidden size
+    return state
+
+
+@pytest.mark.parametrize(
+    ("config", "tensors", "message"),
+    [
+        ({"use_dora": True}, None, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, None, "modules_to_save"),
+        ({"bias": "all"}, None, "only 'none' is supported"),
+        ({"mystery_field": 3}, None, "unknown field"),
+        ({"target_modules": ["q_proj", "embed_tokens"]}, None, "also matches 'model.embed_tokens'"),
+        ({"target_modules": ["c_attn"]}, None, "matches none of hotlora's target modules"),
+        (None, _nan_first, "NaN or Inf"),
+        (None, _narrow_q, r"shape \(4, 56\) does not fit; expected \(4, 64\)"),
+    ],
+)
+def test_llama_adapter_refusals_name_the_field(
+    adapters: dict[str, tuple[Path, Any]], base: tuple[Path, Any], tmp_path: Path,
+    config: dict[str, Any] | None, tensors: Any, message: str,
+) -> None:
+    from adapters.errors import AdapterError
+
+    bad = _edit_adapter(adapters["all_linear"][0], tmp_path / "bad", config, tensors)
+    engine = _engine(base[0])
+    with pytest.raises(AdapterError, match=message):
+        engine.add_adapter("bad", bad)
+    assert engine.adapters == [] and engine.free_slots == 8  # nothing changed
+
+
+def test_llama_pickle_only_adapter_is_refused(base: tuple[Path, Any], tmp_path: Path) -> None:
+    from adapters.errors import AdapterError
+
+    (tmp_path / "p").mkdir()
+    (tmp_path / "p" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
+    (tmp_path / "p" / "adapter_model.bin").write_bytes(b"not unpickled")
+    with pytest.raises(AdapterError, match="never unpickles"):
+        _engine(base[0]).add_adapter("p", tmp_path / "p")
+
+
+# bf16 engine vs the fp32 engine, same adapters, at a stated tolerance (bf16 keeps 8 mantissa
+# bits; 3 layers of rounding gave a largest difference of 0.074 here), and rows of a mixed
+# batch equal their solo rows' tokens.
+BF16_TOL = {"rtol": 0.05, "atol": 0.15}
+
+
+def test_bf16_engine_matches_fp32_and_mixed_rows_equal_solo(
+    base: tuple[Path, Any], adapters: dict[str, tuple[Path, Any]]
+) -> None:
+    engines = {
+        dtype: Engine.from_pretrained(
+            base[0], EngineConfig(max_batch=16, max_adapters=8, max_rank=8, dtype=dtype)
+        )
+        for dtype in ("float32", "bfloat16")
+    }
+    for engine in engines.values():
+        for name, (path, _) in adapters.items():
+            engine.add_adapter(name, path)
+    names: list[str | None] = [None, *sorted(adapters), "all_linear"]
+    prompts = random_prompts(len(names), seed=13)
+    want = engines["float32"].prompt_logits(prompts, names)
+    bf16 = engines["bfloat16"]
+    got = bf16.prompt_logits(prompts, names)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **BF16_TOL)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    mixed = bf16.generate(prompts, names, params)
+    for p, n, m in zip(prompts, names, mixed, strict=True):
+        assert bf16.generate([p], [n], params)[0].token_ids == m.token_ids

@@ -66,6 +66,37 @@ def test_half_on_cpu(dtype: torch.dtype, pattern: str) -> None:
     _run(dtype, T=16, d_in=64, d_out=96, R=8, S=16, pattern=pattern)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", ["interleaved", "runs", "distinct"])
+def test_half_activations_with_float32_weights_on_cpu(dtype: torch.dtype, pattern: str) -> None:
+    """The engine's CPU layout for half models: fp32 slot buffers, half x and y."""
+    case = make_case(T=16, d_in=64, d_out=96, R=8, S=16, pattern=pattern, dtype=dtype)
+    A32, B32 = case.A.float(), case.B.float()  # hold the half values exactly
+    y = case.y.clone()
+    lora_apply(y, case.x, A32, B32, case.scales, build_lora_meta(case.slots, "cpu"))
+    assert_matches(y, case, dtype)
+    with pytest.raises(TypeError, match="share one dtype"):
+        lora_apply(y, case.x.float(), A32.half(), B32.half(), case.scales,
+                   build_lora_meta(case.slots, "cpu"))
+
+
+@pytest.mark.parametrize("storage", STORAGES)
+def test_precomputed_gather_rows_give_the_same_bits(storage: str) -> None:
+    """build_lora_meta's row indices (the engine passes every d_in and R) change no result."""
+    case = with_storage(
+        make_case(T=24, d_in=40, d_out=72, R=8, S=32, pattern="distinct", dtype=torch.float32),
+        storage,
+    )
+    plain = build_lora_meta(case.slots, "cpu")
+    rows = build_lora_meta(case.slots, "cpu", row_widths=(40, 8))
+    assert plain.cpu_plan_rowwise == "gathered" and set(rows.gather_rows) == {40, 8}
+    y1, y2 = case.y.clone(), case.y.clone()
+    lora_apply(y1, case.x, case.A, case.B, case.scales, plain)
+    lora_apply(y2, case.x, case.A, case.B, case.scales, rows)
+    assert torch.equal(y1, y2)
+    assert_matches(y2, case, torch.float32)
+
+
 def test_all_none_is_bit_exact_noop() -> None:
     case = make_case(T=33, d_in=40, d_out=72, R=8, S=4, pattern="none", dtype=torch.float32)
     meta = build_lora_meta(case.slots, "cpu")
