@@ -358,3 +358,23 @@ def test_bf16_engine_matches_fp32_and_mixed_rows_equal_solo(
     mixed = bf16.generate(prompts, names, params)
     for p, n, m in zip(prompts, names, mixed, strict=True):
         assert bf16.generate([p], [n], params)[0].token_ids == m.token_ids
+
+
+def test_every_eos_id_of_generation_config_ends_a_request(tmp_path: Path) -> None:
+    make_hf_llama(tmp_path, "qwen3-qknorm")
+    engine = Engine.from_pretrained(tmp_path, EngineConfig(max_batch=2, max_adapters=1))
+    prompt = random_prompts(1, seed=17)[0]
+    free = engine.generate([prompt], params=SamplingParams(max_tokens=12, temperature=0.0,
+                                                            ignore_eos=True))[0].token_ids
+    checked = 0
+    for i, stop_id in ((2, free[2]), (4, free[4])):
+        if stop_id in free[:i] or VOCAB - 1 in free[:i]:
+            continue  # an earlier occurrence would stop first; nothing to check at i
+        checked += 1
+        gen = {"eos_token_id": [VOCAB - 1, stop_id]}  # the list's second id must stop it too
+        (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+        engine = Engine.from_pretrained(tmp_path, EngineConfig(max_batch=2, max_adapters=1))
+        assert stop_id in engine.eos_token_ids
+        out = engine.generate([prompt], params=SamplingParams(max_tokens=12, temperature=0.0))[0]
+        assert out.finish_reason == "stop" and out.token_ids == free[:i]
+    assert checked, f"the seeded output {free} repeats too early to test with"
