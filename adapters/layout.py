@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ModuleLayout:
             names += [prefix.rstrip("."), "lm_head"]
         return names
 
-    @property
+    @cached_property
     def module_re(self) -> re.Pattern[str]:
         """A block module name in either layout: groups prefix, layer and target."""
         return re.compile(
@@ -56,7 +57,7 @@ class ModuleLayout:
             r"(?P<layer>0|[1-9]\d*)\.(?P<target>.+)"
         )
 
-    @property
+    @cached_property
     def all_linear_re(self) -> re.Pattern[str]:
         """PEFT's "all-linear": every Linear/Conv1D but the output head, i.e. every target."""
         return re.compile(
@@ -69,7 +70,7 @@ class ModuleLayout:
         """A DEU tensor's key: per-neuron parameters of one block's MLP activation."""
         return f"base_model.model.{self.model_prefix}{self.blocks}.{layer}.mlp.deu.{param}"
 
-    @property
+    @cached_property
     def deu_key_re(self) -> re.Pattern[str]:
         return re.compile(
             rf"base_model\.model\.{re.escape(self.model_prefix)}{re.escape(self.blocks)}\."

@@ -31,7 +31,7 @@ from adapters.deu_format import DEUAdapter, DEUConfig
 from adapters.format import LoRAAdapter, LoRAModule
 from adapters.lora_config import LoRAConfig
 from kernels.deu import deu_activation
-from server.engine.models import ModelSpec
+from server.engine.models import CausalLM, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def batches(
 
 
 def fit(
-    model: nn.Module,
+    model: CausalLM,
     groups: list[dict[str, Any]],
     data: Iterator[tuple[Tensor, Tensor]],
     steps: int,
@@ -229,7 +229,7 @@ def fit(
     for _ in bar:
         ids, tgt = next(data)
         pos = torch.arange(ids.shape[1]).expand_as(ids)
-        logits = model.logits(model(ids, pos, None, hook))  # type: ignore[operator]  # (B, L, V)
+        logits = model.logits(model(ids, pos, None, hook))  # (B, L, V)
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), tgt.flatten(), ignore_index=-100)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -305,7 +305,7 @@ def train_adapter(
     n_params = sum(p.numel() for g in groups for p in g["params"])
     data = batches(tok.encode, [task], batch_size, eos_id(tok.raw), seed)
     t0 = time.perf_counter()
-    loss = fit(model, groups, data, steps, hook, desc=f"{kind}:{task.name}")  # type: ignore[arg-type]
+    loss = fit(model, groups, data, steps, hook, desc=f"{kind}:{task.name}")
     seconds = time.perf_counter() - t0
     log.info(
         "trained %s %s (%d params) in %.0f s, final loss %.4f",

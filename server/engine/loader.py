@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from server.engine.errors import ModelLoadError
-from server.engine.models import CausalLM, Family, ModelSpec, family_of
+from server.engine.models import GPT2, CausalLM, Family, Llama, ModelSpec, family_of
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +120,11 @@ def load_model(
     return cast(CausalLM, model), cfg
 
 
-def save_model(model: torch.nn.Module, model_dir: str | Path) -> None:
+def save_model(model: GPT2 | Llama, model_dir: str | Path) -> None:
     """Write model.safetensors + config.json in the family's Hugging Face layout."""
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items()}  # type: ignore[operator]
+    state = {k: v.detach().contiguous().cpu() for k, v in model.hf_state_dict().items()}
     save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = model.cfg.to_hf_dict()  # type: ignore[union-attr, operator]
+    config = model.cfg.to_hf_dict()
     (model_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")

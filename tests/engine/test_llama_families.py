@@ -378,3 +378,17 @@ def test_every_eos_id_of_generation_config_ends_a_request(tmp_path: Path) -> Non
         out = engine.generate([prompt], params=SamplingParams(max_tokens=12, temperature=0.0))[0]
         assert out.finish_reason == "stop" and out.token_ids == free[:i]
     assert checked, f"the seeded output {free} repeats too early to test with"
+
+
+def test_null_fields_mean_their_defaults(tmp_path: Path) -> None:
+    """Mistral-style configs write "head_dim": null; transformers then derives the default."""
+    hf = make_hf_llama(tmp_path, "llama-linear-mha-tied")  # 4 KV heads of 16 = the defaults
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg |= {"head_dim": None, "num_key_value_heads": None}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model, spec = load_model(tmp_path, torch.device("cpu"), torch.float32)
+    assert (spec.head_dim, spec.n_kv_head) == (16, 4)
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(ids).logits
+    torch.testing.assert_close(model.logits(model(ids, torch.arange(9)[None])), want, **TOL)

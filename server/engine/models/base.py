@@ -65,13 +65,22 @@ class Projection(Protocol):
 
 
 class ModelSpec(Protocol):
-    """What the engine reads from a family's frozen config."""
+    """What the engine reads from a family's frozen config (read-only: frozen dataclasses)."""
 
-    name: str
-    vocab_size: int
-    n_layer: int
-    bos_token_id: int | None
-    eos_token_id: int | None
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def n_layer(self) -> int: ...
+
+    @property
+    def bos_token_id(self) -> int | None: ...
+
+    @property
+    def eos_token_id(self) -> int | None: ...
 
     @property
     def max_positions(self) -> int: ...
@@ -101,7 +110,8 @@ class ModelSpec(Protocol):
 class CausalLM(Protocol):
     """A family's model as the engine drives it (an nn.Module)."""
 
-    cfg: ModelSpec
+    @property
+    def cfg(self) -> ModelSpec: ...
 
     def __call__(
         self,

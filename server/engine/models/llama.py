@@ -113,8 +113,10 @@ class LlamaConfig:
             raise ModelLoadError(f"config.json: model_type {mt!r} is not one of {MODEL_TYPES}")
 
         def field(key: str, default: Any = None) -> Any:
-            value = raw.get(key, default)
-            if value is None and default is None:
+            value = raw.get(key)  # an explicit null means the default, as in transformers
+            if value is None:
+                value = default
+            if value is None:
                 raise ModelLoadError(f"config.json: missing field {key!r}")
             return value
 
@@ -136,15 +138,16 @@ class LlamaConfig:
                 f"config.json: num_key_value_heads={n_kv} does not divide "
                 f"num_attention_heads={n_head}"
             )
-        head_dim = raw.get("head_dim") or (128 if mt == "qwen3" else None)
-        if head_dim is None:
+        # Qwen3Config defaults head_dim to 128; the others derive it from the hidden size.
+        default_head_dim = 128 if mt == "qwen3" and "head_dim" not in raw else None
+        if default_head_dim is None and raw.get("head_dim") is None:
             if hidden % n_head:
                 raise ModelLoadError(
                     f"config.json: hidden_size={hidden} is not divisible by "
                     f"num_attention_heads={n_head}; give head_dim"
                 )
-            head_dim = hidden // n_head
-        head_dim = integer("head_dim", head_dim) if "head_dim" in raw else head_dim
+            default_head_dim = hidden // n_head
+        head_dim = integer("head_dim", default_head_dim)
         if head_dim % 2:
             raise ModelLoadError(f"config.json: head_dim={head_dim} must be even (RoPE)")
         max_pos = integer("max_position_embeddings", _MAX_POSITIONS[mt])
