@@ -18,7 +18,7 @@ from server.engine import Engine, EngineConfig
 from server.engine.loop import EngineLoop, LoopConfig
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.routes import adapters, completions, health, models
+from server.routes import adapters, completions, health, models, tokenize
 from server.state import AppState
 
 log = logging.getLogger("hotlora.server")
@@ -91,6 +91,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="hotlora", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (completions, models, adapters, health):
+    for module in (completions, models, adapters, tokenize, health):
         app.include_router(module.router)
     return app

@@ -6,10 +6,11 @@ from dataclasses import dataclass
 
 from adapters.adapter import Adapter
 from adapters.cache import ByteLRU
-from adapters.store import AdapterStore
+from adapters.store import AdapterStore, AdapterVersion
 from server.config import Settings
 from server.engine.engine import Engine
 from server.engine.loop import EngineLoop
+from server.errors import APIError
 from server.metrics import Metrics
 
 
@@ -22,3 +23,15 @@ class AppState:
     loop: EngineLoop
     metrics: Metrics
     created: int
+
+    def resolve_model(self, model: str) -> AdapterVersion | None:
+        """A request's `model`: None for the base model's id, else the adapter's newest version;
+        404 for anything else."""
+        if model == self.settings.model_id:
+            return None
+        version = self.store.latest(model)
+        if version is None:
+            raise APIError(
+                404, f"model {model!r} does not exist; GET /v1/models lists them", "model"
+            )
+        return version

@@ -59,9 +59,9 @@ class TextTokenizer:
         added = raw.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, with the BOS/EOS the post-processor adds (AutoTokenizer's ids)."""
-        return list(self.raw.encode(text, add_special_tokens=True).ids)
+        return list(self.raw.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.raw.decode(list(ids), skip_special_tokens=skip_special_tokens))

@@ -11,7 +11,6 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from adapters.store import AdapterVersion
 from server.deps import ApiKeyDep, StateDep
 from server.engine import RequestError, SamplingParams, StepOutput
 from server.engine.loop import AdapterGone, QueueFull, Stream
@@ -20,15 +19,6 @@ from server.schemas import CompletionChoice, CompletionRequest, CompletionRespon
 from server.state import AppState
 
 router = APIRouter()
-
-
-def _resolve(state: AppState, model: str) -> AdapterVersion | None:
-    if model == state.settings.model_id:
-        return None
-    version = state.store.latest(model)
-    if version is None:
-        raise APIError(404, f"model {model!r} does not exist; GET /v1/models lists them", "model")
-    return version
 
 
 def _params(body: CompletionRequest) -> SamplingParams:
@@ -129,7 +119,7 @@ async def _outputs(
 def _submit(
     state: AppState, body: CompletionRequest, request_id: str
 ) -> tuple[list[Stream], list[int]]:
-    version = _resolve(state, body.model)
+    version = state.resolve_model(body.model)
     params = _params(body)
     prompt_ids = []
     for prompt in _prompts(body):

@@ -1,0 +1,38 @@
+"""POST /tokenize and /detokenize (vLLM's shapes): the base model's tokenizer, which every
+adapter shares."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.deps import ApiKeyDep, StateDep
+from server.errors import APIError
+from server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+
+router = APIRouter()
+
+
+@router.post("/tokenize", dependencies=[ApiKeyDep], response_model=TokenizeResponse)
+async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
+    if body.model is not None:
+        state.resolve_model(body.model)
+    tok = state.engine.tokenizer
+    ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    strs = [tok.raw.id_to_token(i) for i in ids] if body.return_token_strs else None
+    return TokenizeResponse(
+        count=len(ids), max_model_len=state.engine.max_seq_len, tokens=ids, token_strs=strs
+    )
+
+
+@router.post("/detokenize", dependencies=[ApiKeyDep], response_model=DetokenizeResponse)
+async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResponse:
+    if body.model is not None:
+        state.resolve_model(body.model)
+    tok = state.engine.tokenizer
+    bad = [i for i in body.tokens if not 0 <= i < tok.vocab_size]
+    if bad:
+        raise APIError(
+            400, f"token id {bad[0]} is outside the vocabulary [0, {tok.vocab_size})", "tokens"
+        )
+    # As vLLM (and tokenizer.decode's default): special tokens are written out, not dropped.
+    return DetokenizeResponse(prompt=tok.decode(body.tokens, skip_special_tokens=False))
