@@ -64,7 +64,8 @@ class BaseShapes:
         cls, n_layer: int, hidden: int, intermediate: int, n_head: int, n_kv_head: int,
         head_dim: int | None = None,
     ) -> BaseShapes:
-        """The shapes of a Llama-family block stack (Llama, Mistral, Qwen2, Qwen3)."""
+        """The shapes of a Llama-family block stack (Llama, Mistral, Qwen2, Qwen3). head_dim
+        defaults to hidden // n_head as in Llama; pass Qwen3's (its config default is 128)."""
         hd = head_dim or hidden // n_head
         return cls(n_layer, llama_dims(hidden, intermediate, n_head * hd, n_kv_head * hd),
                    LLAMA_LAYOUT)
@@ -153,7 +154,7 @@ def lora_from_file(
     raw: Any, entries: list[Entry], weights: Path, *, name: str, base: BaseShapes, max_rank: int
 ) -> LoRAAdapter:
     """The LoRA adapter a PEFT config and the LoRA tensors of a safetensors file describe."""
-    config = LoRAConfig.from_dict(raw, name, base.layout)
+    config = LoRAConfig.from_dict(raw, name, base.layout, base.n_layer)
     prefix, plan = _plan(entries, config, name, base, max_rank)
     tensors = read_tensors(weights, name, [key for pair in plan.values() for key in pair])
     modules = []

@@ -22,7 +22,8 @@ from adapters.layout import GPT2_LAYOUT, ModuleLayout
 # GPT-2 block projections: the default layout's targets, kept for callers that only know GPT-2.
 TARGETS = GPT2_LAYOUT.targets
 
-# A family has at most this many blocks in the config-only check (gpt2-xl has 48, Llama 3 70B 80).
+# Blocks probed when a config is checked without its base (gpt2-xl has 48); with the base, its
+# own depth is used (Llama 3 70B has 80).
 _PROBE_LAYERS = 48
 _MAX_PROBE_LAYERS = 1024
 
@@ -164,10 +165,15 @@ class LoRAConfig:
 
     @classmethod
     def from_dict(
-        cls, d: Mapping[str, Any], adapter: str, layout: ModuleLayout = GPT2_LAYOUT
+        cls,
+        d: Mapping[str, Any],
+        adapter: str,
+        layout: ModuleLayout = GPT2_LAYOUT,
+        n_layer: int | None = None,
     ) -> LoRAConfig:
         """Validate an adapter_config.json dict for a family; raise AdapterError naming the
-        offending field."""
+        offending field. With the base's `n_layer` the targets are checked against exactly that
+        many blocks; without, against a probe of at least _PROBE_LAYERS."""
         if not isinstance(d, Mapping):
             raise AdapterError(adapter, f"must be a JSON object, got {type(d).__name__}",
                                "adapter_config.json")
@@ -246,9 +252,11 @@ class LoRAConfig:
                 (lpat,) if isinstance(lpat, str) else tuple(lpat)),
             layout=layout,
         )
-        # Bounded: a hostile layers_to_transform must not make this loop for ages.
-        deepest = max([_PROBE_LAYERS - 1, *(config.layers_to_transform or ())]) + 1
-        config.check_fits(adapter, min(deepest, _MAX_PROBE_LAYERS))
+        if n_layer is None:
+            # Bounded: a hostile layers_to_transform must not make this loop for ages.
+            deepest = max([_PROBE_LAYERS - 1, *(config.layers_to_transform or ())]) + 1
+            n_layer = min(deepest, _MAX_PROBE_LAYERS)
+        config.check_fits(adapter, n_layer)
         return config
 
     def check_fits(self, adapter: str, n_layer: int) -> str:

@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 NAME_RE = r"[A-Za-z0-9._-]{1,64}"
 META_NAME = "meta.json"
+BASE_NAME = "base.json"  # at the root: the base every stored adapter was validated against
 _NAME = re.compile(NAME_RE)
 _VERSION_DIR = re.compile(r"v([1-9][0-9]{0,17})")
 _STAGING = ".staging"
@@ -56,6 +57,8 @@ def check_name(name: str) -> None:
         raise AdapterError(
             str(name), f"name must match {NAME_RE} and not start with '.'", field="name"
         )
+    if name == BASE_NAME:
+        raise AdapterError(name, f"{BASE_NAME!r} is the store's own file", field="name")
 
 
 def _valid_name(name: str) -> bool:
@@ -151,8 +154,19 @@ def _meta_from_json(
     )
 
 
+class StoreMismatch(Exception):
+    """The store directory holds adapters for another base model."""
+
+
+def _base_record(base: BaseShapes) -> dict[str, Any]:
+    """What the store's adapters were validated against: the family and every target's shape."""
+    dims = {t: list(d) for t, d in base.dims.items()}
+    return {"format": 1, "family": base.layout.family, "n_layer": base.n_layer, "dims": dims}
+
+
 class AdapterStore:
-    """Validated adapters persisted under ``root``; every method is thread-safe."""
+    """Validated adapters persisted under ``root``, all for one base (recorded in base.json);
+    every method is thread-safe."""
 
     def __init__(
         self, root: Path, base: BaseShapes, max_rank: int, max_bytes: int = 256 << 20
@@ -171,11 +185,35 @@ class AdapterStore:
                 logger.info("removing leftover %s", self.root / leftover)
                 shutil.rmtree(self.root / leftover)
         (self.root / _STAGING).mkdir()
+        self._check_base()
         self._scan()
+
+    def _check_base(self) -> None:
+        """Refuse a store made for another base: its adapters would not fit this one."""
+        path, want = self.root / BASE_NAME, _base_record(self.base)
+        if path.is_file():
+            try:
+                have = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise StoreMismatch(f"{path}: unreadable ({e}); remove it to rebind") from e
+            if have != want:
+                fam, n = (have.get("family"), have.get("n_layer")) if isinstance(have, dict) else (
+                    "?", "?")
+                raise StoreMismatch(
+                    f"adapter store {self.root} holds adapters for another base model ({fam}, "
+                    f"{n} layers; this one is {want['family']}, {want['n_layer']} layers): give "
+                    "this model its own store (--adapter-store / HOTLORA_ADAPTER_STORE)"
+                )
+            return
+        tmp = path.with_name(f".{BASE_NAME}.tmp")
+        tmp.unlink(missing_ok=True)
+        _write_synced(tmp, json.dumps(want, indent=2).encode())
+        os.replace(tmp, path)
+        _fsync_dir(self.root)
 
     def _scan(self) -> None:
         for name_dir in sorted(self.root.iterdir()):
-            if name_dir.name in (_STAGING, _TRASH):
+            if name_dir.name in (_STAGING, _TRASH, BASE_NAME, f".{BASE_NAME}.tmp"):
                 continue
             if not name_dir.is_dir() or not _valid_name(name_dir.name):
                 logger.warning("ignoring %s: not an adapter name directory", name_dir)

@@ -21,7 +21,10 @@ class Settings(BaseSettings):
     served_model_name: str | None = Field(
         None, description="model id in the API (default: dir name)"
     )
-    adapter_store: Path = Field(Path("hotlora-adapters"), description="persistent adapter store")
+    adapter_store: Path | None = Field(
+        None,
+        description="adapter store, bound to one base (default: hotlora-adapters/<model id>)",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_key: SecretStr | None = Field(None, description="bearer key for adapter mutations")
@@ -63,6 +66,11 @@ class Settings(BaseSettings):
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model.resolve().name
+
+    @property
+    def store_path(self) -> Path:
+        """The adapter store: adapters fit one base, so each model gets its own by default."""
+        return self.adapter_store or Path("hotlora-adapters") / self.model_id
 
     def redacted(self) -> dict[str, Any]:
         """The effective settings for the start-up log, secrets masked."""

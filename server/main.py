@@ -38,7 +38,7 @@ def build_state(settings: Settings) -> AppState:
         dtype=settings.dtype,
     )
     store = AdapterStore(
-        settings.adapter_store, engine.base_shapes, settings.max_rank, settings.max_upload_bytes
+        settings.store_path, engine.base_shapes, settings.max_rank, settings.max_upload_bytes
     )
     shipped = demo_adapters(settings.model)
     if settings.seed_demo_adapters and shipped and not store.names():

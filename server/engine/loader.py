@@ -53,9 +53,11 @@ def _shards(model_dir: Path) -> list[Path]:
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise ModelLoadError(f"{index}: weight_map must be a non-empty object")
+        if not all(isinstance(n, str) for n in weight_map.values()):
+            raise ModelLoadError(f"{index}: every weight_map value must be a shard file name")
         names = sorted(set(weight_map.values()))
         for name in names:
-            if not isinstance(name, str) or Path(name).name != name:
+            if Path(name).name != name:
                 raise ModelLoadError(f"{index}: shard {name!r} must be a file name in {model_dir}")
             if not (model_dir / name).is_file():
                 raise ModelLoadError(f"{index}: shard {name} is missing")

@@ -24,7 +24,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
-from server.engine.errors import ModelLoadError
+from server.engine.errors import ModelLoadError, RequestError
 
 _FFFD = "\ufffd"  # what decoders emit for an incomplete (or invalid) UTF-8 sequence
 # Model types transformers gives its generic TokenizersBackend (tokenizer.json as is) even when
@@ -61,7 +61,10 @@ class TextTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, with the BOS/EOS the post-processor adds (AutoTokenizer's ids)."""
-        return list(self.raw.encode(text, add_special_tokens=add_special_tokens).ids)
+        try:
+            return list(self.raw.encode(text, add_special_tokens=add_special_tokens).ids)
+        except TypeError as e:  # tokenizers refuses str that is not valid Unicode (surrogates)
+            raise RequestError(f"prompt is not valid Unicode text ({e})") from e
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.raw.decode(list(ids), skip_special_tokens=skip_special_tokens))

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from server.deps import ApiKeyDep, StateDep
+from server.engine import RequestError
 from server.errors import APIError
 from server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 
@@ -17,7 +18,10 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
     if body.model is not None:
         state.resolve_model(body.model)
     tok = state.engine.tokenizer
-    ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    try:
+        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+    except RequestError as e:
+        raise APIError(400, str(e), "prompt") from e
     strs = [tok.raw.id_to_token(i) for i in ids] if body.return_token_strs else None
     return TokenizeResponse(
         count=len(ids), max_model_len=state.engine.max_seq_len, tokens=ids, token_strs=strs

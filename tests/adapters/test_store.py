@@ -324,3 +324,28 @@ def test_concurrent_puts_get_distinct_versions(store: AdapterStore) -> None:
     assert sorted(v.version for v in results) == [1, 2, 3, 4]
     assert [v.version for v in store.versions("same")] == [1, 2, 3, 4]
     assert list((store.root / ".staging").iterdir()) == []
+
+
+def test_a_store_is_bound_to_one_base(tmp_path: Path) -> None:
+    """base.json records the base; opening the store for another one is refused, untouched."""
+    from adapters.store import BASE_NAME, StoreMismatch
+
+    root = tmp_path / "s"
+    store = AdapterStore(root, BASE, max_rank=16)
+    store.put("a", *blobs())
+    record = json.loads((root / BASE_NAME).read_text())
+    assert record["family"] == "gpt2" and record["n_layer"] == N_LAYER
+    before = tree(root)
+    llama = BaseShapes.llama(N_LAYER, 32, 64, 4, 2)
+    with pytest.raises(StoreMismatch, match=r"another base model \(gpt2, .*this one is llama"):
+        AdapterStore(root, llama, max_rank=16)
+    deeper = BaseShapes(N_LAYER + 1, BASE.dims, BASE.layout)
+    with pytest.raises(StoreMismatch, match="its own store"):
+        AdapterStore(root, deeper, max_rank=16)
+    assert tree(root) == before
+    assert AdapterStore(root, BASE, max_rank=16).names() == ["a"]  # the same base reopens it
+
+
+def test_the_base_record_is_no_adapter_name(tmp_path: Path) -> None:
+    with pytest.raises(AdapterError, match="the store's own file"):
+        check_name("base.json")

@@ -153,7 +153,9 @@ def test_deu_on_the_swiglu_gate_equals_the_reference(
                     strict=True):
         with torch.no_grad():
             want = ref(torch.tensor([p])).logits[0]
+            plain = base[1](torch.tensor([p])).logits[0]
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-4)
+        assert (want - plain).abs().max() > 1e-3  # the DEU part must matter
 
 
 def test_mixed_batch_rows_equal_solo_rows_and_merged_equals_unmerged(
@@ -212,6 +214,10 @@ def _edit_config(path: Path, **changes: Any) -> None:
         ({"hidden_size": None}, "missing field 'hidden_size'"),
         ({"num_hidden_layers": 0}, "num_hidden_layers must be a positive integer"),
         ({"intermediate_size": 100}, r"mlp.gate_proj.weight has shape \(96, 64\), config implies"),
+        ({"bos_token_id": [1, 2]}, "bos_token_id must be an int"),
+        ({"rms_norm_eps": "tiny"}, "rms_norm_eps must be a positive number"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
+         "needs 'low_freq_factor'"),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(
@@ -389,6 +395,61 @@ def test_null_fields_mean_their_defaults(tmp_path: Path) -> None:
     model, spec = load_model(tmp_path, torch.device("cpu"), torch.float32)
     assert (spec.head_dim, spec.n_kv_head) == (16, 4)
     ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = hf(ids).logits
+    torch.testing.assert_close(model.logits(model(ids, torch.arange(9)[None])), want, **TOL)
+
+
+def test_adapters_for_layers_past_48_load_on_a_deep_base(tmp_path: Path) -> None:
+    """An 80-layer base (Llama 3 70B's depth): its adapters are checked at its own depth."""
+    from adapters.format import BaseShapes, load_lora_adapter, write_adapter_dir
+
+    shapes = BaseShapes.llama(80, 8, 16, 2, 1)
+    key = "base_model.model.model.layers.70.self_attn.q_proj"
+    tensors = {f"{key}.lora_A.weight": torch.ones(2, 8), f"{key}.lora_B.weight": torch.ones(8, 2)}
+    for targets in (r"model\.layers\.70\.self_attn\.q_proj", ["model.layers.70.self_attn.q_proj"]):
+        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": targets}
+        write_adapter_dir(tmp_path / "deep", config, tensors)
+        adapter = load_lora_adapter(tmp_path / "deep", name="deep", base=shapes, max_rank=2)
+        assert [(m.layer, m.target) for m in adapter.modules] == [(70, "self_attn.q_proj")]
+
+
+
+@pytest.mark.parametrize(
+    ("family", "changes", "max_seq_len", "refused"),
+    [
+        # Mistral without the key: transformers' 4096 window, honoured up to a 4096 context.
+        ("mistral-gqa4", {"sliding_window": None, "max_position_embeddings": 8192}, 4096, False),
+        ("mistral-gqa4", {"sliding_window": None, "max_position_embeddings": 8192}, 4097, True),
+        # Qwen2 windows only with use_sliding_window, on layers from max_window_layers on.
+        ("qwen2-bias-tied", {"use_sliding_window": True, "sliding_window": 64,
+                             "max_window_layers": 1, "layer_types": None}, 128, True),
+        ("qwen2-bias-tied", {"use_sliding_window": True, "sliding_window": 64,
+                             "max_window_layers": 2, "layer_types": None}, 128, False),
+        ("qwen2-bias-tied", {"use_sliding_window": False, "sliding_window": 64}, 128, False),
+    ],
+)
+def test_sliding_window_defaults_follow_transformers(
+    tmp_path: Path, family: str, changes: dict[str, Any], max_seq_len: int, refused: bool
+) -> None:
+    make_hf_llama(tmp_path, family)
+    _edit_config(tmp_path, **changes)  # a None value removes the key
+    config = EngineConfig(max_batch=1, max_adapters=1, max_seq_len=max_seq_len)
+    if refused:
+        with pytest.raises(ModelLoadError, match="is smaller than the served context"):
+            Engine.from_pretrained(tmp_path, config)
+    else:
+        assert Engine.from_pretrained(tmp_path, config).max_seq_len == max_seq_len
+
+
+def test_null_numbers_mean_their_defaults(tmp_path: Path) -> None:
+    hf = make_hf_llama(tmp_path, "qwen2-bias-tied")  # rms_norm_eps 1e-6 and theta 1e6 on disk
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rms_norm_eps"] = None
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    model, spec = load_model(tmp_path, torch.device("cpu"), torch.float32)
+    assert spec.rms_norm_eps == 1e-6  # type: ignore[attr-defined]
+    ids = torch.randint(0, VOCAB, (1, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         want = hf(ids).logits
     torch.testing.assert_close(model.logits(model(ids, torch.arange(9)[None])), want, **TOL)

@@ -36,7 +36,7 @@ def test_uploaded_peft_adapter_serves_like_transformers_and_peft(
     peft_model = make_peft_adapter(hf, adapter_dir, seed=3, target_modules="all-linear", r=4,
                                    lora_alpha=8)
     tok = load_tokenizer(base_dir)
-    prompts = random_prompts(3, seed=5)
+    prompts: list[str | list[int]] = [*random_prompts(2, seed=5), "in: hello\nout:"]
     settings = make_settings(tmp_path, model=base_dir, seed_demo_adapters=False)
     with serve(settings) as client:
         r = upload(client, "tuned", (adapter_dir / CONFIG_NAME).read_bytes(),
@@ -51,5 +51,6 @@ def test_uploaded_peft_adapter_serves_like_transformers_and_peft(
                 r = client.post("/v1/completions", json=body)
                 assert r.status_code == 200, r.text
                 choice = r.json()["choices"][0]
-                assert choice["text"] == tok.decode(_hf_greedy(reference, prompt))
+                ids = tok.encode(prompt) if isinstance(prompt, str) else prompt
+                assert choice["text"] == tok.decode(_hf_greedy(reference, ids))
                 assert r.json()["usage"]["completion_tokens"] == MAX_TOKENS

@@ -3,6 +3,7 @@ and refusals that name the parameter."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,12 +54,18 @@ def test_detokenize_writes_special_tokens_out(client: TestClient) -> None:
         ("/tokenize", {"prompt": 3}, 400, "prompt"),
         ("/tokenize", {"prompt": "x", "messages": []}, 400, "messages"),
         ("/detokenize", {"tokens": "abc"}, 400, "tokens"),
+        # Valid JSON, but a lone surrogate is no Unicode text: the tokenizer cannot take it.
+        ("/tokenize", {"prompt": "a\ud800b"}, 400, "prompt"),
+        ("/v1/completions", {"model": DEMO, "prompt": "a\ud800b"}, 400, "prompt"),
     ],
 )
 def test_bad_requests_name_the_parameter(
     client: TestClient, path: str, body: dict[str, object], status: int, param: str
 ) -> None:
-    assert_error(client.post(path, json=body), status, param=param)
+    # Sent as ASCII JSON (json.dumps escapes a lone surrogate as \\ud800, which httpx cannot).
+    raw = json.dumps(body).encode()
+    r = client.post(path, content=raw, headers={"Content-Type": "application/json"})
+    assert_error(r, status, param=param)
 
 
 def test_special_tokens_follow_the_flag_for_a_llama_tokenizer(tmp_path: Path) -> None:

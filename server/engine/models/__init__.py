@@ -11,8 +11,9 @@ from torch import nn
 from server.engine.errors import ModelLoadError
 from server.engine.models.base import AdapterHook, AttnBatch, CausalLM, ModelSpec, Projection
 from server.engine.models.gpt2 import GPT2, GPT2Config, gpt2_key
-from server.engine.models.llama import MODEL_TYPES as LLAMA_TYPES
-from server.engine.models.llama import Llama, LlamaConfig, llama_key
+from server.engine.models.llama import Llama, llama_key
+from server.engine.models.llama_config import MODEL_TYPES as LLAMA_TYPES
+from server.engine.models.llama_config import LlamaConfig
 
 
 @dataclass(frozen=True)
