@@ -7,6 +7,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
 from torch import Tensor, nn
 
 from adapters.layout import ModuleLayout
@@ -52,6 +53,20 @@ def cached_kv(attn: AttnBatch, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor
         lo, hi = attn.row_range
         return kc[lo:hi, :, : attn.s_used], vc[lo:hi, :, : attn.s_used]
     return kc[attn.rows, :, : attn.s_used], vc[attn.rows, :, : attn.s_used]
+
+
+def init_from_scratch(model: nn.Module, norm_marker: str, std: float = 0.02, seed: int = 0) -> None:
+    """Initialise a model trained from scratch: biases 0, norm weights (names containing
+    `norm_marker`) 1, every other weight N(0, std^2) from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+            elif norm_marker in name:
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 class Projection(Protocol):

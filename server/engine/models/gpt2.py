@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from adapters.layout import GPT2_LAYOUT, ModuleLayout, gpt2_dims
 from server.engine.errors import ModelLoadError
-from server.engine.models.base import AdapterHook, AttnBatch, cached_kv
+from server.engine.models.base import AdapterHook, AttnBatch, cached_kv, init_from_scratch
 
 C_ATTN, ATTN_PROJ, C_FC, MLP_PROJ = range(4)  # indices into GPT2_LAYOUT.targets
 
@@ -223,15 +223,7 @@ class GPT2(nn.Module):
 
     def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
         """GPT-2's initialisation, for models trained from scratch."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "ln_" in name:
-                nn.init.ones_(p)
-            else:
-                with torch.no_grad():
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        init_from_scratch(self, "ln_", std, seed)
 
     def forward(
         self,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from server.engine.models.base import AdapterHook, AttnBatch, cached_kv
+from server.engine.models.base import AdapterHook, AttnBatch, cached_kv, init_from_scratch
 from server.engine.models.llama_config import LlamaConfig
 
 Q, K, V, OUT, GATE, UP, DOWN = range(7)  # indices into LLAMA_LAYOUT.targets
@@ -182,15 +182,7 @@ class Llama(nn.Module):
 
     def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
         """Llama's initialisation, for models trained from scratch."""
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if name.endswith("bias"):
-                    p.zero_()
-                elif "norm" in name:
-                    p.fill_(1.0)
-                else:
-                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        init_from_scratch(self, "norm", std, seed)
 
     def _rope_table(self, n: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos and sin (P, D) float32 for positions [0, P), P >= n: computed once, grown rarely."""
