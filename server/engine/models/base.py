@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from adapters.layout import ModuleLayout
+from server.engine.errors import ModelLoadError
 
 
 class AdapterHook(Protocol):
@@ -53,6 +54,17 @@ def cached_kv(attn: AttnBatch, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor
         lo, hi = attn.row_range
         return kc[lo:hi, :, : attn.s_used], vc[lo:hi, :, : attn.s_used]
     return kc[attn.rows, :, : attn.s_used], vc[attn.rows, :, : attn.s_used]
+
+
+def config_field(raw: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    """A config.json field; absent or null means `default` (as in transformers), and a field
+    with neither is refused naming it."""
+    value = raw.get(key)
+    if value is None:
+        value = default
+    if value is None:
+        raise ModelLoadError(f"config.json: missing field {key!r}")
+    return value
 
 
 def init_from_scratch(model: nn.Module, norm_marker: str, std: float = 0.02, seed: int = 0) -> None:

@@ -19,7 +19,13 @@ from torch import Tensor, nn
 
 from adapters.layout import GPT2_LAYOUT, ModuleLayout, gpt2_dims
 from server.engine.errors import ModelLoadError
-from server.engine.models.base import AdapterHook, AttnBatch, cached_kv, init_from_scratch
+from server.engine.models.base import (
+    AdapterHook,
+    AttnBatch,
+    cached_kv,
+    config_field,
+    init_from_scratch,
+)
 
 C_ATTN, ATTN_PROJ, C_FC, MLP_PROJ = range(4)  # indices into GPT2_LAYOUT.targets
 
@@ -74,12 +80,6 @@ class GPT2Config:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], name: str = "gpt2") -> GPT2Config:
-        def field(key: str, default: Any = None) -> Any:
-            value = raw.get(key, default)
-            if value is None and default is None:
-                raise ModelLoadError(f"config.json: missing field {key!r}")
-            return value
-
         act = raw.get("activation_function", "gelu_new")
         if act not in ACTIVATIONS:
             raise ModelLoadError(
@@ -90,17 +90,17 @@ class GPT2Config:
             raise ModelLoadError("config.json: reorder_and_upcast_attn=true is not supported")
         if not raw.get("scale_attn_weights", True):
             raise ModelLoadError("config.json: scale_attn_weights=false is not supported")
-        n_embd, n_head = int(field("n_embd")), int(field("n_head"))
+        n_embd, n_head = int(config_field(raw, "n_embd")), int(config_field(raw, "n_head"))
         if n_embd % n_head:
             raise ModelLoadError(
                 f"config.json: n_embd={n_embd} is not divisible by n_head={n_head}"
             )
         eos = raw.get("eos_token_id")
         return cls(
-            vocab_size=int(field("vocab_size")),
-            n_positions=int(field("n_positions")),
+            vocab_size=int(config_field(raw, "vocab_size")),
+            n_positions=int(config_field(raw, "n_positions")),
             n_embd=n_embd,
-            n_layer=int(field("n_layer")),
+            n_layer=int(config_field(raw, "n_layer")),
             n_head=n_head,
             n_inner=int(raw.get("n_inner") or 4 * n_embd),
             layer_norm_epsilon=float(raw.get("layer_norm_epsilon", 1e-5)),

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from adapters.layout import LLAMA_LAYOUT, ModuleLayout, llama_dims
 from server.engine.errors import ModelLoadError
+from server.engine.models.base import config_field
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -98,16 +99,8 @@ class LlamaConfig:
         if mt not in MODEL_TYPES:
             raise ModelLoadError(f"config.json: model_type {mt!r} is not one of {MODEL_TYPES}")
 
-        def field(key: str, default: Any = None) -> Any:
-            value = raw.get(key)  # an explicit null means the default, as in transformers
-            if value is None:
-                value = default
-            if value is None:
-                raise ModelLoadError(f"config.json: missing field {key!r}")
-            return value
-
         def integer(key: str, default: Any = None) -> int:
-            value = field(key, default)
+            value = config_field(raw, key, default)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ModelLoadError(
                     f"config.json: {key} must be a positive integer, got {value!r}"
