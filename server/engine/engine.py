@@ -20,37 +20,18 @@ from adapters.adapter import Adapter, load_adapter
 from adapters.format import BaseShapes
 from server.engine.batch import StepBatch, build_step
 from server.engine.config import DEFAULT_MAX_SEQ_LEN, EngineConfig
-from server.engine.deu_slots import DEUSlots
 from server.engine.errors import EngineError, ModelLoadError, RequestError
 from server.engine.hook import BatchAdapters
 from server.engine.kv_cache import KVCache
 from server.engine.loader import load_model
-from server.engine.lora_slots import LoRASlots
+from server.engine.logprobs import prompt_logprobs, token_logprobs
 from server.engine.models import CausalLM
-from server.engine.outputs import GenerationOutput, StepOutput
-from server.engine.sampling import SamplingParams, make_generator, sample
+from server.engine.outputs import GenerationOutput, StepOutput, TokenLogprob
+from server.engine.residents import Resident, Residents
+from server.engine.sampling import RowHistory, SamplingParams, make_generator, sample
 from server.engine.tokenizer import Detokenizer, TextTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class _Resident:
-    """An adapter in a device slot; `refs` counts the requests that use it."""
-
-    name: str  # the name it is resident under (the server uses name@version)
-    adapter: Adapter
-    slot: int
-    refs: int = 0
-    removed: bool = False
-
-    @property
-    def lora_slot(self) -> int:
-        return -1 if self.adapter.lora is None else self.slot
-
-    @property
-    def deu_slot(self) -> int:
-        return -1 if self.adapter.deu is None else self.slot
 
 
 @dataclass
@@ -58,12 +39,21 @@ class _Request:
     id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapter: _Resident | None
+    adapter: Resident | None
     detok: Detokenizer
     generator: torch.Generator | None
+    stop_ids: frozenset[int]  # sampled, these end the request (EOS unless ignored, stop ids)
     out_ids: list[int] = field(default_factory=list)
     row: int = -1
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+
+    def history(self) -> RowHistory | None:
+        """What the sampler reads when this row's logits are adjusted (penalties and the like)."""
+        if not self.params.adjusts_logits:
+            return None
+        return RowHistory(self.prompt_ids, self.out_ids, self.stop_ids)
 
     @property
     def lora_slot(self) -> int:
@@ -95,20 +85,15 @@ class Engine:
                 f"max_seq_len <= {window}"
             )
         self.kv = KVCache(cfg, config.max_batch, self.max_seq_len, self.device, self.dtype)
-        self.slots = LoRASlots(cfg, config.max_adapters, config.max_rank, self.device, self.dtype)
-        self.deu_slots = DEUSlots(cfg, config.max_adapters, self.device)
+        self.residents = Residents(model, config, self.device, self.dtype)
         self.base_shapes = BaseShapes(cfg.n_layer, cfg.target_dims(), cfg.layout)
         # generation_config.json's eos_token_id (an int or a list), else config.json's: as
         # transformers' generate() stops.
         self.eos_token_ids = frozenset(i for i in tokenizer.eos_token_ids if i < cfg.vocab_size)
-        self._adapters: dict[str, _Resident] = {}
-        self._free_slots = list(range(config.max_adapters - 1, -1, -1))
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
         self._ids = itertools.count()
         self._seeds = torch.Generator().manual_seed(torch.seed())
-        self._merged: _Resident | None = None
-        self._pristine: dict[tuple[int, int], torch.nn.Parameter] = {}
 
     @classmethod
     def from_pretrained(
@@ -142,110 +127,54 @@ class Engine:
 
         Raises AdapterError for a refused adapter, EngineError when it cannot be made resident.
         """
-        if name in self._adapters:
+        if name in self.residents:
             raise EngineError(f"adapter {name!r} is already loaded; remove it first")
         adapter = load_adapter(
             path, name=name, base=self.base_shapes, max_rank=self.config.max_rank
         )
-        self.load_adapter(name, adapter)
+        self.residents.load(name, adapter)
         return adapter
 
     def load_adapter(self, name: str, adapter: Adapter) -> None:
         """Copy an already validated adapter into a free device slot."""
-        if name in self._adapters:
-            raise EngineError(f"adapter {name!r} is already loaded; remove it first")
-        if adapter.rank > self.config.max_rank:
-            raise EngineError(f"adapter {name!r} has rank {adapter.rank} > {self.config.max_rank}")
-        if not self._free_slots:
-            raise EngineError(
-                f"all {self.config.max_adapters} adapter slots are in use; remove an adapter first"
-            )
-        slot = self._free_slots.pop()
-        if adapter.lora is not None:
-            self.slots.write(slot, adapter.lora)
-        if adapter.deu is not None:
-            self.deu_slots.write(slot, adapter.deu)
-        self._adapters[name] = _Resident(name, adapter, slot)
-        log.info("adapter %s: %s, rank %d, in slot %d", name, adapter.kind, adapter.rank, slot)
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free_slots)
-
-    def adapter_refs(self, name: str) -> int:
-        """How many requests (and the merged weights) use a resident adapter."""
-        return self._adapters[name].refs
-
-    def idle_adapters(self) -> list[str]:
-        """Resident adapters no request uses, least recently used first (eviction order)."""
-        return [n for n, r in self._adapters.items() if r.refs == 0]
+        self.residents.load(name, adapter)
 
     def remove_adapter(self, name: str) -> None:
         """Unload an adapter; requests still using it finish on it, then its slot is freed."""
-        res = self._adapters.pop(name, None)
-        if res is None:
-            raise EngineError(f"adapter {name!r} is not loaded")
-        if self._merged is res:
-            self.unmerge_adapter()
-        res.removed = True
-        if res.refs == 0:
-            self._free(res)
+        self.residents.remove(name)
 
     @property
     def adapters(self) -> list[str]:
-        return list(self._adapters)
+        return self.residents.names
+
+    @property
+    def free_slots(self) -> int:
+        return self.residents.free_slots
+
+    def adapter_refs(self, name: str) -> int:
+        """How many requests (and the merged weights) use a resident adapter."""
+        return self.residents.get(name).refs
+
+    def idle_adapters(self) -> list[str]:
+        """Resident adapters no request uses, least recently used first (eviction order)."""
+        return self.residents.idle()
 
     def adapter_kinds(self) -> dict[str, str]:
         """Resident adapter -> "lora" | "deu" | "lora+deu"."""
-        return {n: r.adapter.kind for n, r in self._adapters.items()}
-
-    def _free(self, res: _Resident) -> None:
-        self.slots.clear(res.slot)
-        self.deu_slots.clear(res.slot)
-        self._free_slots.append(res.slot)
-
-    # ------------------------------------------------------------------ merged weights
+        return self.residents.kinds()
 
     @property
     def merged_adapter(self) -> str | None:
-        return None if self._merged is None else self._merged.name
+        merged = self.residents.merged
+        return None if merged is None else merged.name
 
     def merge_adapter(self, name: str) -> None:
-        """Serve `name`'s LoRA from W + s * B @ A; other rows get delta_j - delta_name.
-
-        A DEU part cannot be merged (it is not linear) and keeps being applied per row.
-        """
-        res = self._adapters.get(name)
-        if res is None:
-            raise EngineError(f"adapter {name!r} is not loaded")
-        lora = res.adapter.lora
-        if lora is None:
-            raise EngineError(f"adapter {name!r} has no LoRA part to merge into the weights")
-        if self._merged is not None:
-            self.unmerge_adapter()
-        for m in lora.modules:
-            t = self.slots.targets.index(m.target)
-            mod = self.model.target(m.layer, t)
-            merged = mod.merged_weight(self.slots.delta(m.layer, t, res.slot))
-            self._pristine[(m.layer, t)] = mod.weight
-            mod.weight = torch.nn.Parameter(merged, requires_grad=False)
-        self._merged = res
-        res.refs += 1  # the weights use it: its slot must outlive a removal
+        """Serve `name`'s LoRA from merged weights (see Residents.merge)."""
+        self.residents.merge(name)
 
     def unmerge_adapter(self) -> None:
-        """Put the pristine base weights back (the very tensors, so bit-exact)."""
-        if self._merged is None:
-            return
-        for (layer, t), weight in self._pristine.items():
-            self.model.target(layer, t).weight = weight
-        self._pristine.clear()
-        res, self._merged = self._merged, None
-        self._release(res)
-
-    def _release(self, res: _Resident) -> None:
-        res.refs -= 1
-        if res.refs == 0 and res.removed:
-            self._free(res)
+        """Put the pristine base weights back (bit-exact)."""
+        self.residents.unmerge()
 
     # ------------------------------------------------------------------ requests
 
@@ -276,9 +205,9 @@ class Engine:
         ids = self.check_request(prompt, params)
         res = None
         if adapter is not None:
-            res = self._adapters.get(adapter)
-            if res is None:
+            if adapter not in self.residents:
                 raise RequestError(f"adapter {adapter!r} is not loaded")
+            res = self.residents.get(adapter)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self._running or any(r.id == rid for r in self._waiting):
             raise RequestError(f"request id {rid!r} is already in use")
@@ -289,10 +218,11 @@ class Engine:
                 seed = int(torch.randint(2**62, (1,), generator=self._seeds))
             gen = make_generator(seed, self.device)
         if res is not None:
-            res.refs += 1
-            self._adapters[res.name] = self._adapters.pop(res.name)  # most recently used last
+            self.residents.acquire(res)
+        eos = frozenset() if params.ignore_eos else self.eos_token_ids
+        detok = Detokenizer(self.tokenizer, params.stop)
         self._waiting.append(
-            _Request(rid, ids, params, res, Detokenizer(self.tokenizer, params.stop), gen)
+            _Request(rid, ids, params, res, detok, gen, eos | set(params.stop_token_ids))
         )
         return rid
 
@@ -314,6 +244,13 @@ class Engine:
     def check_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
         """Encode and check a request without queueing it (safe from any thread)."""
         ids = self.encode(prompt)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in params.token_ids() if t >= vocab]
+        if bad:
+            raise RequestError(
+                f"token id {bad[0]} (in stop_token_ids or logit_bias) is outside the "
+                f"vocabulary [0, {vocab})"
+            )
         if len(ids) + params.max_tokens > self.max_seq_len:
             raise RequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
@@ -346,7 +283,7 @@ class Engine:
             self._fill_hole(req.row)
             req.row = -1
         if req.adapter is not None:
-            self._release(req.adapter)
+            self.residents.release(req.adapter)
             req.adapter = None
 
     def _fill_hole(self, hole: int) -> None:
@@ -373,17 +310,20 @@ class Engine:
             for req in batch:
                 req.row = self.kv.allocate()
                 self._running[req.id] = req
-            return self._forward(batch, [r.prompt_ids for r in batch], [0] * len(batch))
+            return self._forward(
+                batch, [r.prompt_ids for r in batch], [0] * len(batch), prefill=True
+            )
         batch = sorted(self._running.values(), key=lambda r: r.row)
         if not batch:
             return []
         starts = [len(r.prompt_ids) + len(r.out_ids) - 1 for r in batch]
-        return self._forward(batch, [[r.out_ids[-1]] for r in batch], starts)
+        return self._forward(batch, [[r.out_ids[-1]] for r in batch], starts, prefill=False)
 
     def _forward(
-        self, batch: list[_Request], tokens: list[list[int]], starts: list[int]
+        self, batch: list[_Request], tokens: list[list[int]], starts: list[int], prefill: bool
     ) -> list[StepOutput]:
-        merged = None if self._merged is None else self._merged.slot
+        merged = self.residents.merged
+        merged_slot = None if merged is None else merged.slot
         step = build_step(
             self.kv,
             [r.row for r in batch],
@@ -391,29 +331,58 @@ class Engine:
             starts,
             [r.lora_slot for r in batch],
             [r.deu_slot for r in batch],
-            merged,
+            merged_slot,
             self.device,
-            self.slots.row_widths,
+            self.residents.lora.row_widths,
         )
         hidden = self.model(
             step.input_ids, step.positions, step.attn, self._hook(step)
         )  # (B, L, d)
         last = hidden[torch.arange(len(batch), device=self.device), step.last]  # (B, d)
         logits = self.model.logits(last)  # (B, V)
-        next_ids = sample(logits, [r.params for r in batch], [r.generator for r in batch])
-        return [self._advance(req, tok) for req, tok in zip(batch, next_ids, strict=True)]
+        if prefill:
+            for b, req in enumerate(batch):
+                k = req.params.prompt_logprobs
+                if k is not None:
+                    n = len(req.prompt_ids)
+                    req.prompt_logprobs = prompt_logprobs(
+                        self.model.logits, hidden[b, :n], req.prompt_ids, k
+                    )
+        params = [r.params for r in batch]
+        next_ids = sample(
+            logits, params, [r.generator for r in batch], [r.history() for r in batch]
+        )
+        wants = [b for b, p in enumerate(params) if p.logprobs is not None]
+        if wants:
+            k = max(params[b].logprobs or 0 for b in wants)
+            chosen = torch.tensor([next_ids[b] for b in wants], device=self.device)
+            for b, lp in zip(wants, token_logprobs(logits[wants], chosen, k), strict=True):
+                cut = params[b].logprobs or 0
+                batch[b].logprobs.append(TokenLogprob(lp.token_id, lp.logprob, lp.top[:cut]))
+        return [
+            self._advance(req, tok, first=prefill)
+            for req, tok in zip(batch, next_ids, strict=True)
+        ]
 
     def _hook(self, step: StepBatch) -> BatchAdapters | None:
         if not step.has_adapters:
             return None
-        return BatchAdapters(self.slots, self.deu_slots, step.lora, step.lora_minus, step.deu)
+        r = self.residents
+        return BatchAdapters(r.lora, r.deu, step.lora, step.lora_minus, step.deu)
 
-    def _advance(self, req: _Request, token: int) -> StepOutput:
+    def _advance(self, req: _Request, token: int, first: bool) -> StepOutput:
+        """Append the sampled token (or end the request); the step's output for it."""
         p = req.params
         reason = None
         new_ids: list[int] = []
-        if token in self.eos_token_ids and not p.ignore_eos:
+        if p.max_tokens == 0:  # a scoring request: the prefill was all it wanted
+            reason = "length"
+            if req.logprobs:
+                req.logprobs.pop()
+        elif token in req.stop_ids:
             reason = "stop"
+            if req.logprobs:
+                req.logprobs.pop()  # the stop token is not part of the output
         else:
             req.out_ids.append(token)
             new_ids = [token]
@@ -422,14 +391,23 @@ class Engine:
                 or len(req.prompt_ids) + len(req.out_ids) >= self.max_seq_len
             ):
                 reason = "length"
-        text = req.detok.update(req.out_ids, final=reason is not None)
+        text = req.detok.update(
+            req.out_ids, final=reason is not None, check_stop=len(req.out_ids) > p.min_tokens
+        )
         if req.detok.stopped:
             reason = "stop"
         if reason is not None:
             req.finish_reason = reason
             self._running.pop(req.id, None)
             self._retire(req)
-        return StepOutput(req.id, new_ids, text, reason)
+        return StepOutput(
+            req.id,
+            new_ids,
+            text,
+            reason,
+            tuple(req.logprobs[-1:]) if new_ids and p.logprobs is not None else (),
+            None if not first or req.prompt_logprobs is None else tuple(req.prompt_logprobs),
+        )
 
     # ------------------------------------------------------------------ offline API
 
@@ -443,19 +421,20 @@ class Engine:
             raise RequestError(f"got {len(prompts)} prompts and {len(names)} adapters")
         if len(prompts) > self.kv.free_rows:
             raise RequestError(f"{len(prompts)} prompts but only {self.kv.free_rows} free rows")
-        unknown = [n for n in names if n is not None and n not in self._adapters]
+        unknown = [n for n in names if n is not None and n not in self.residents]
         if unknown:
             raise RequestError(f"adapter {unknown[0]!r} is not loaded")
         ids = [self.encode(p) for p in prompts]
-        res = [None if n is None else self._adapters[n] for n in names]
+        res = [None if n is None else self.residents.get(n) for n in names]
         lora = [-1 if r is None else r.lora_slot for r in res]
         deu = [-1 if r is None else r.deu_slot for r in res]
         rows = [self.kv.allocate() for _ in prompts]
         try:
-            merged = None if self._merged is None else self._merged.slot
+            merged = self.residents.merged
+            merged_slot = None if merged is None else merged.slot
             step = build_step(
-                self.kv, rows, ids, [0] * len(ids), lora, deu, merged, self.device,
-                self.slots.row_widths,
+                self.kv, rows, ids, [0] * len(ids), lora, deu, merged_slot, self.device,
+                self.residents.lora.row_widths,
             )
             hidden = self.model(step.input_ids, step.positions, step.attn, self._hook(step))
             return [self.model.logits(hidden[b, : len(t)]).float() for b, t in enumerate(ids)]
@@ -478,7 +457,7 @@ class Engine:
                 f"got {n} prompts, {len(names)} adapters, {len(plist)} params; lengths must match"
             )
         for name in names:  # refuse before queueing anything
-            if name is not None and name not in self._adapters:
+            if name is not None and name not in self.residents:
                 raise RequestError(f"adapter {name!r} is not loaded")
         for prompt, p in zip(prompts, plist, strict=True):
             self.check_request(prompt, p)
@@ -494,6 +473,8 @@ class Engine:
                 finish_reason=reqs[i].finish_reason or "length",
                 prompt_token_ids=reqs[i].prompt_ids,
                 adapter=a,
+                logprobs=None if reqs[i].params.logprobs is None else reqs[i].logprobs,
+                prompt_logprobs=reqs[i].prompt_logprobs,
             )
             for i, a in zip(ids, names, strict=True)
         ]

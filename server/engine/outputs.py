@@ -6,14 +6,26 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the raw (adapter's own) distribution, and the k most
+    likely tokens at its position, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob) x k
+
+
+@dataclass(frozen=True)
 class GenerationOutput:
     """The finished result of one prompt."""
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    finish_reason: str  # "stop" (EOS, a stop token or string) | "length"
     prompt_token_ids: list[int]
     adapter: str | None
+    logprobs: list[TokenLogprob] | None = None  # one per token id, if params.logprobs was set
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the first token's is None
 
 
 @dataclass(frozen=True)
@@ -24,6 +36,9 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str
     finish_reason: str | None  # set on the request's last output
+    logprobs: tuple[TokenLogprob, ...] = ()  # of new_token_ids, if params.logprobs was set
+    # On a request's first output, if params.prompt_logprobs was set; the first one is None.
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -9,13 +11,21 @@ from torch import Tensor
 
 from server.engine.errors import RequestError
 
+MAX_LOGPROBS = 20  # as OpenAI: at most 20 alternatives per position
+
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How one request's tokens are chosen and when it stops.
 
     temperature 0 is greedy; top_k 0 and top_p 1 disable those filters; a seed makes the row's
-    samples reproducible whatever else is in the batch.
+    samples reproducible whatever else is in the batch. The logits a row samples from are, in
+    order (vLLM's): its raw logits + logit_bias, its stop tokens masked while it has fewer than
+    min_tokens tokens, repetition_penalty over prompt and output tokens, frequency and presence
+    penalties over output tokens, then temperature, top-k and top-p. `logprobs` (k alternatives
+    per generated token) and `prompt_logprobs` (the same for every prompt token) report the raw
+    logits' log-softmax: the adapter's own distribution, not the sampler's. max_tokens 0
+    generates nothing (to score a prompt with prompt_logprobs).
     """
 
     max_tokens: int = 16
@@ -25,30 +35,118 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            object.__setattr__(self, "stop", (self.stop,))
-        else:
-            object.__setattr__(self, "stop", tuple(self.stop))
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise RequestError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
-        if not self.temperature >= 0:
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        object.__setattr__(self, "stop", stop)
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias
+        pairs = tuple(bias.items()) if isinstance(bias, Mapping) else tuple(bias)
+        object.__setattr__(self, "logit_bias", pairs)
+        _check_int("max_tokens", self.max_tokens, 0)
+        if not self.temperature >= 0 or math.isinf(self.temperature):
             raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise RequestError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        _check_int("top_k", self.top_k, 0, note=" (0 = off)")
         if not 0 < self.top_p <= 1:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise RequestError("stop must be a list of non-empty strings")
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.max_tokens:
+            raise RequestError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, 0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2 <= value <= 2:
+                raise RequestError(f"{name} must be in [-2, 2], got {value!r}")
+        if not 0 < self.repetition_penalty <= 100 or math.isinf(self.repetition_penalty):
+            raise RequestError(
+                f"repetition_penalty must be in (0, 100] (1 = off), got {self.repetition_penalty!r}"
+            )
+        for pair in self.logit_bias:
+            if len(pair) != 2:
+                raise RequestError("logit_bias must map token ids to biases")
+            _check_int("logit_bias token id", pair[0], 0)
+            if not -100 <= pair[1] <= 100:
+                raise RequestError(f"logit_bias values must be in [-100, 100], got {pair[1]!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value, 0, MAX_LOGPROBS)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether anything but temperature/top-k/top-p changes this row's logits."""
+        return bool(
+            self.logit_bias
+            or self.min_tokens
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty != 1.0
+        )
+
+    def token_ids(self) -> list[int]:
+        """Every token id the parameters name (checked against the vocabulary by the engine)."""
+        return list(self.stop_token_ids) + [t for t, _ in self.logit_bias]
+
+
+def _check_int(name: str, value: object, lo: int, hi: int | None = None, note: str = "") -> None:
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < lo
+        or (hi is not None and value > hi)
+    ):
+        where = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise RequestError(f"{name} must be an integer {where}{note}, got {value!r}")
+
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class RowHistory:
+    """What a row's logit adjustments read: its tokens so far and the ids that end it."""
+
+    prompt_ids: list[int]
+    out_ids: list[int]
+    stop_ids: frozenset[int]  # EOS (unless ignored) and stop_token_ids, masked below min_tokens
+
+
+def adjust_logits(row: Tensor, p: SamplingParams, h: RowHistory) -> Tensor:
+    """One row's (V,) float logits after logit_bias, min_tokens and the penalties (a copy)."""
+    row = row.clone()
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias], device=row.device)
+        row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=row.device))
+    if len(h.out_ids) < p.min_tokens and h.stop_ids:
+        row[torch.tensor(sorted(h.stop_ids), device=row.device)] = float("-inf")
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(h.prompt_ids) | set(h.out_ids)), device=row.device)
+        vals = row[seen]
+        rp = p.repetition_penalty
+        row[seen] = torch.where(vals > 0, vals / rp, vals * rp)
+    if (p.frequency_penalty or p.presence_penalty) and h.out_ids:
+        out = torch.tensor(h.out_ids, device=row.device)
+        counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)  # (V,)
+        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+    return row
 
 
 def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -65,15 +163,29 @@ def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 
 def sample(
-    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+    logits: Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    histories: Sequence[RowHistory | None] = (),
 ) -> list[int]:
-    """One next token per row of logits (B, V); rows never influence each other."""
+    """One next token per row of logits (B, V); rows never influence each other.
+
+    `histories` is needed only for rows whose params adjust logits (penalties, bias, min_tokens).
+    """
     logits = logits.float()
-    tokens: list[int] = logits.argmax(-1).tolist()  # greedy rows are done here
+    tokens: list[int] = logits.argmax(-1).tolist()  # plain greedy rows are done here
     for i, p in enumerate(params):
-        if p.greedy:
+        if p.greedy and not p.adjusts_logits:
             continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
-        probs = row.softmax(-1)
+        row = logits[i]
+        if p.adjusts_logits:
+            history = histories[i] if i < len(histories) else None
+            if history is None:
+                raise ValueError("sample: rows that adjust logits need their histories")
+            row = adjust_logits(row, p, history)
+        if p.greedy:
+            tokens[i] = int(row.argmax())
+            continue
+        probs = _filter(row / p.temperature, p.top_k, p.top_p).softmax(-1)
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens

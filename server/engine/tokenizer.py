@@ -259,8 +259,12 @@ class Detokenizer:
         """All committed text so far, cut at a stop string once one is seen."""
         return "".join(self._parts) + self._held
 
-    def update(self, token_ids: Sequence[int], final: bool = False) -> str:
-        """`token_ids`: the whole output so far (it only grows). Returns the new final text."""
+    def update(self, token_ids: Sequence[int], final: bool = False, check_stop: bool = True) -> str:
+        """`token_ids`: the whole output so far (it only grows). Returns the new final text.
+
+        With `check_stop` False (a request below its min_tokens) stop strings in the new text
+        are kept as text; only text committed while it is True can stop the request.
+        """
         if self.stopped:
             return ""
         tok = self.tokenizer
@@ -275,7 +279,7 @@ class Detokenizer:
                 text += tail
                 self._prefix, self._read = self._read, len(self._ids)
         # A stop string cannot begin before `text`: every possible beginning was held back.
-        hits = [at for at in (text.find(s) for s in self.stop) if at != -1]
+        hits = [at for at in (text.find(s) for s in self.stop) if at != -1] if check_stop else []
         hold = 0
         if hits:
             text, self.stopped = text[: min(hits)], True
