@@ -156,4 +156,4 @@ def test_removed_adapter_frees_slot_and_rejected_adapter_changes_nothing(
     after = engine.prompt_logits(prompts, ["a", None])
     assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
     engine.remove_adapter("a")
-    assert engine.adapters == [] and len(engine.free_slots) == engine.config.max_adapters
+    assert engine.adapters == [] and engine.free_slots == engine.config.max_adapters

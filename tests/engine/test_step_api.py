@@ -48,7 +48,7 @@ def test_removing_an_adapter_in_use_lets_running_requests_finish(
     assert not engine.free_slots
     got = first[0].new_token_ids + _drain(engine)[rid]
     assert got == want  # finished on the removed adapter's weights
-    assert len(engine.free_slots) == 1  # the old slot came back when its request finished
+    assert engine.free_slots == 1  # the old slot came back when its request finished
     assert (
         engine.generate([[1, 2, 3]], ["a"], GREEDY)[0].token_ids != want
     )  # new requests: new weights
@@ -84,7 +84,7 @@ def test_abort_frees_row_and_adapter(setup: tuple[Engine, Path, Any]) -> None:
     assert engine.abort_request(r1) and engine.abort_request(r3)
     assert not engine.abort_request("nope")
     engine.remove_adapter("a")
-    assert len(engine.free_slots) == 2  # no request holds the adapter any more
+    assert engine.free_slots == 2  # no request holds the adapter any more
     assert set(_drain(engine)) == {r2}
     assert engine.kv.free_rows == 2
 
