@@ -51,6 +51,24 @@ def prompt_for(word: str) -> str:
     return f"in: {word}\nout:"
 
 
+# The demo models' chat template (their chat_template.jinja): the LAST user message becomes
+# `prompt_for(content)`; system, assistant and earlier user messages are ignored. Written by
+# training.pretrain_demo; tests check it renders exactly `prompt_for`.
+DEMO_CHAT_TEMPLATE = """\
+{#- hotlora demo: the last user message becomes the prompt "in: <content>\\nout:" -#}
+{%- set ns = namespace(prompt=none) -%}
+{%- for message in messages -%}
+    {%- if message['role'] == 'user' -%}{%- set ns.prompt = message['content'] -%}{%- endif -%}
+{%- endfor -%}
+{%- if ns.prompt is none -%}
+    {{- raise_exception('the hotlora demo chat template needs a user message') -}}
+{%- elif ns.prompt is not string -%}
+    {{- raise_exception('the hotlora demo chat template needs string message content') -}}
+{%- endif -%}
+{{- 'in: ' + ns.prompt + '\\nout:' -}}
+"""
+
+
 def _word(rng: random.Random) -> str:
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 7)))
 

@@ -72,6 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     flags = {
         "model": args.model,
         "adapter_store": args.adapter_store,
+        "chat_template": args.chat_template,
         "host": args.host,
         "port": args.port,
         "max_running": args.max_running,
@@ -115,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a gpt2/llama/mistral/qwen2/qwen3 directory (default: the demo model)",
     )
     serve.add_argument("--adapter-store", type=Path, help="adapter store directory")
+    serve.add_argument(
+        "--chat-template", type=Path, metavar="FILE",
+        help="a jinja chat template that supplies or overrides the model's",
+    )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--max-running", type=int, help="requests decoded together")

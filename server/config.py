@@ -25,6 +25,9 @@ class Settings(BaseSettings):
         None,
         description="adapter store, bound to one base (default: hotlora-adapters/<model id>)",
     )
+    chat_template: Path | None = Field(
+        None, description="a jinja chat template file that supplies or overrides the model's"
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     admin_key: SecretStr | None = Field(None, description="bearer key for adapter mutations")

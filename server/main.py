@@ -15,10 +15,11 @@ from adapters.demo_tasks import demo_adapters
 from adapters.store import AdapterStore
 from server.config import Settings
 from server.engine import Engine, EngineConfig
+from server.engine.chat_template import ChatTemplate
 from server.engine.loop import EngineLoop, LoopConfig
 from server.errors import install_error_handlers
 from server.metrics import Metrics
-from server.routes import adapters, completions, health, models, tokenize
+from server.routes import adapters, chat, completions, health, models, tokenize
 from server.state import AppState
 
 log = logging.getLogger("hotlora.server")
@@ -26,6 +27,7 @@ log = logging.getLogger("hotlora.server")
 
 def build_state(settings: Settings) -> AppState:
     """Load the base model, open the adapter store and start the engine loop."""
+    template = ChatTemplate.load(settings.model, settings.chat_template)  # fails fast
     engine = Engine.from_pretrained(
         settings.model,
         EngineConfig(
@@ -59,7 +61,9 @@ def build_state(settings: Settings) -> AppState:
         ),
         metrics,
     )
-    return AppState(settings, engine, store, cache, loop, metrics, int(time.time()))
+    return AppState(
+        settings, engine, store, cache, loop, metrics, int(time.time()), template
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -91,6 +95,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="hotlora", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
-    for module in (completions, models, adapters, tokenize, health):
+    for module in (completions, chat, models, adapters, tokenize, health):
         app.include_router(module.router)
     return app

@@ -8,6 +8,7 @@ from adapters.adapter import Adapter
 from adapters.cache import ByteLRU
 from adapters.store import AdapterStore, AdapterVersion
 from server.config import Settings
+from server.engine.chat_template import ChatTemplate
 from server.engine.engine import Engine
 from server.engine.loop import EngineLoop
 from server.errors import APIError
@@ -23,6 +24,7 @@ class AppState:
     loop: EngineLoop
     metrics: Metrics
     created: int
+    chat_template: ChatTemplate | None = None
 
     def resolve_model(self, model: str) -> AdapterVersion | None:
         """A request's `model`: None for the base model's id, else the adapter's newest version;

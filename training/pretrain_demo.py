@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from adapters.demo_tasks import EOS, TASKS, build_tokenizer, eos_id
+from adapters.demo_tasks import DEMO_CHAT_TEMPLATE, EOS, TASKS, build_tokenizer, eos_id
 from server.engine.loader import save_model
 from server.engine.models import GPT2, GPT2Config, Llama, LlamaConfig
 from training.train import accuracy, batches, fit
@@ -58,6 +58,8 @@ def pretrain(
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS,
                   "add_bos_token": False, "model_max_length": model.cfg.max_positions}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+    # The chat template: /v1/chat/completions turns the last user message into the demo prompt.
+    (out / "chat_template.jinja").write_text(DEMO_CHAT_TEMPLATE, encoding="utf-8")
     return accuracy(out, None, TASKS["copy"])
 
 

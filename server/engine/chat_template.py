@@ -1,18 +1,13 @@
-"""Chat templates: found and rendered exactly as transformers 5 does, in jinja2's sandbox.
+"""Chat templates: found and rendered exactly as transformers 5 renders them, in a sandbox.
 
 Sources, in transformers' order (`PreTrainedTokenizerBase._from_pretrained`, `get_chat_template`):
-an override file (`hotlora serve --chat-template FILE`), else `chat_template.jinja` (plus named
+an override file (`hotlora serve --chat-template FILE`), else `chat_template.jinja` (with named
 templates in `additional_chat_templates/*.jinja`), else `chat_template` in tokenizer_config.json
 (a string, or a list of `{"name", "template"}`); of several named templates "default" is used.
-
-Rendering follows `transformers.utils.chat_template_utils` (`_cached_compile_jinja_template`,
-`render_jinja_template`): an `ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)`
-with loopcontrols and a pass-through `{% generation %}` block, transformers' `tojson`,
-`raise_exception`, `strftime_now`, `dict` and `namespace`, and the variables `messages`, `tools` and
-`documents` (None), `add_generation_prompt` and the tokenizer's named special tokens. A template is
-untrusted code: beyond the sandbox, unsafe attribute access fails at once, and output size, `*` /
-`**` results, `lipsum` and render time are bounded (best effort: a loop that calls nothing over an
-already built sequence cannot be interrupted).
+`render` follows `render_jinja_template` and `apply_chat_template(..., tokenize=False)`: the
+messages (None-valued keys dropped, plain JSON data, reasoning fields aliased), `tools` and
+`documents` None, `add_generation_prompt` and the tokenizer's named special tokens, rendered in
+the environment of `server.engine.chat_sandbox`.
 """
 
 from __future__ import annotations
@@ -20,23 +15,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
-import time
-from collections.abc import Callable, Mapping, Sequence
-from contextvars import ContextVar
-from datetime import datetime
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.nodes
-import jinja2.parser
-import jinja2.runtime
-import jinja2.utils
-from jinja2.exceptions import SecurityError, TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.exceptions import SecurityError
 
+from server.engine.chat_sandbox import TemplateRaised, deadline, environment
 from server.engine.errors import ModelLoadError, RequestError
 
 log = logging.getLogger(__name__)
@@ -44,9 +30,7 @@ log = logging.getLogger(__name__)
 SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")  # transformers' SPECIAL_TOKENS_ATTRIBUTES
 MAX_OUTPUT_CHARS = 1 << 24
-MAX_SEQUENCE_ITEMS = 1 << 24  # longest str/list a template may build with `*`
 RENDER_TIMEOUT_S = 5.0
-_DEADLINE: ContextVar[float] = ContextVar("chat_template_deadline", default=math.inf)
 
 
 def _plain(value: Any) -> Any:
@@ -165,7 +149,8 @@ def _find(model_dir: Path) -> tuple[str, str] | None:
     if files:
         if "default" not in files:
             raise ModelLoadError(f"{extra_dir}: named chat templates {sorted(files)} but no "
-                                 "chat_template.jinja; pass one with --chat-template FILE")
+                                 "default one (chat_template.jinja); pass the one to use with "
+                                 "--chat-template FILE")
         return _read(files["default"]), str(files["default"])
     config_path = model_dir / "tokenizer_config.json"
     value = _json(config_path).get("chat_template")
@@ -192,8 +177,8 @@ class ChatTemplate:
         self.source = source
         self.tokens = dict(tokens or {})
         try:
-            self._template = _environment().from_string(template)
-        except TemplateError as e:
+            self._template = environment().from_string(template)
+        except Exception as e:  # a syntax error, or e.g. RecursionError from absurd nesting
             line = f" (line {e.lineno})" if isinstance(e, jinja2.TemplateSyntaxError) else ""
             raise ModelLoadError(f"{source}: the chat template does not compile: {e}{line}") from e
 
@@ -217,25 +202,23 @@ class ChatTemplate:
         chat = _prepare(messages)
         variables = {**_plain(self.tokens), "messages": chat, "tools": None, "documents": None,
                      "add_generation_prompt": add_generation_prompt}
-        token = _DEADLINE.set(time.monotonic() + RENDER_TIMEOUT_S)
         parts: list[str] = []
         size = 0
         try:
-            for part in self._template.generate(**variables):
-                size += len(part)
-                if size > MAX_OUTPUT_CHARS:
-                    raise RequestError(f"chat template {self.source}: output over "
-                                       f"{MAX_OUTPUT_CHARS} characters")
-                parts.append(part)
+            with deadline(RENDER_TIMEOUT_S):
+                for part in self._template.generate(**variables):
+                    size += len(part)
+                    if size > MAX_OUTPUT_CHARS:
+                        raise RequestError(f"chat template {self.source}: output over "
+                                           f"{MAX_OUTPUT_CHARS} characters")
+                    parts.append(part)
         except RequestError:
             raise
-        except _Raised as e:
+        except TemplateRaised as e:
             raise RequestError(f"the chat template refused the messages: {e.message}") from e
         except SecurityError as e:
             raise RequestError(f"chat template {self.source}: refused by the sandbox: {e}") from e
         except Exception as e:  # anything a template can make jinja or Python raise
             raise RequestError(
                 f"chat template {self.source} failed: {type(e).__name__}: {e}") from e
-        finally:
-            _DEADLINE.reset(token)
         return "".join(parts)

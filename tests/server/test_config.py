@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -47,3 +48,23 @@ def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, var: str, val
 def test_serve_refuses_bad_flags_with_exit_code_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["serve", "--max-running", "0"]) == 2
     assert "max_running" in capsys.readouterr().err
+
+
+def test_chat_template_comes_from_the_flag_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import uvicorn
+
+    import server.main
+
+    seen: list[Settings] = []
+    monkeypatch.setattr(server.main, "create_app", lambda settings: seen.append(settings))
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    # `serve` sets the root logger's level: keep it where it is
+    monkeypatch.setenv("HOTLORA_LOG_LEVEL", logging.getLevelName(logging.getLogger().level))
+    assert main(["serve", "--chat-template", str(tmp_path / "flag.jinja")]) == 0
+    assert seen[-1].chat_template == tmp_path / "flag.jinja"
+    monkeypatch.setenv("HOTLORA_CHAT_TEMPLATE", str(tmp_path / "env.jinja"))
+    assert main(["serve"]) == 0
+    assert seen[-1].chat_template == tmp_path / "env.jinja"
+    assert Settings().chat_template == tmp_path / "env.jinja"

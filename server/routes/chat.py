@@ -1,0 +1,145 @@
+"""POST /v1/chat/completions: messages rendered through the model's chat template (sandboxed),
+then generated like a completion; streamed as chat.completion.chunk events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from server.deps import ApiKeyDep, StateDep
+from server.engine import RequestError, StepOutput
+from server.errors import APIError
+from server.openai_schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+)
+from server.routes.generation import Row, collect, prepare, stream_response, submit, usage
+from server.routes.logprob_format import chat_logprobs
+from server.schemas import Usage
+from server.state import AppState
+
+router = APIRouter()
+
+
+async def _prompt_ids(state: AppState, body: ChatCompletionRequest) -> list[int]:
+    """The rendered conversation's tokens. The template writes any BOS itself, so none is
+    added (as apply_chat_template(tokenize=True) and vLLM do). Rendering runs off the event
+    loop: an untrusted template may take up to its render deadline."""
+    template = state.chat_template
+    if template is None:
+        raise APIError(
+            400,
+            f"model {state.settings.model_id!r} has no chat template: start hotlora serve with "
+            "--chat-template FILE (a jinja template), or use /v1/completions",
+            "messages",
+        )
+    messages = [
+        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+        for m in body.messages
+    ]
+    try:
+        text = await asyncio.to_thread(template.render, messages, body.add_generation_prompt)
+        return state.engine.tokenizer.encode(text, add_special_tokens=False)
+    except RequestError as e:
+        raise APIError(400, str(e), "messages") from e
+
+
+@router.post(
+    "/v1/chat/completions", dependencies=[ApiKeyDep], response_model=ChatCompletionResponse
+)
+async def chat_completions(
+    body: ChatCompletionRequest, request: Request, state: StateDep
+) -> object:
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    version = state.resolve_model(body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    k = (body.top_logprobs or 0) if body.logprobs else None
+    ids, params = prepare(
+        state, body, await _prompt_ids(state, body), max_tokens, logprobs=k, field="messages"
+    )
+    rows = submit(state, version, [ids], [params], body.n, request_id)
+    created = int(time.time())
+    tok = state.engine.tokenizer
+    if body.stream:
+        return await _stream(state, body, rows, request, request_id, created)
+    results = await collect(state, rows, request)
+    choices = [
+        ChatChoice(
+            index=row.index,
+            message=AssistantMessage(content=res.text),
+            logprobs=chat_logprobs(tok, res.logprobs) if body.logprobs else None,
+            finish_reason=res.finish_reason,
+        )
+        for row, res in zip(rows, results, strict=True)
+    ]
+    resp = ChatCompletionResponse(
+        id=request_id,
+        created=created,
+        model=body.model,
+        choices=choices,
+        usage=usage(rows, body.n, sum(len(r.token_ids) for r in results)),
+    )
+    return JSONResponse(resp.model_dump())
+
+
+async def _stream(
+    state: AppState,
+    body: ChatCompletionRequest,
+    rows: list[Row],
+    request: Request,
+    request_id: str,
+    created: int,
+) -> object:
+    started: set[int] = set()
+    tok = state.engine.tokenizer
+
+    def chunk(choice: ChatChunkChoice) -> dict[str, object]:
+        c = ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[choice])
+        return c.model_dump(exclude={"usage"}, exclude_none=False)
+
+    def render(row: Row, out: StepOutput) -> list[dict[str, object]]:
+        chunks = []
+        if row.index not in started:  # each choice's first delta carries the role
+            started.add(row.index)
+            chunks.append(
+                chunk(
+                    ChatChunkChoice(index=row.index, delta=ChatDelta(role="assistant", content=""))
+                )
+            )
+        if out.new_text or (body.logprobs and out.logprobs):
+            lp = chat_logprobs(tok, out.logprobs) if body.logprobs else None
+            chunks.append(
+                chunk(
+                    ChatChunkChoice(
+                        index=row.index, delta=ChatDelta(content=out.new_text), logprobs=lp
+                    )
+                )
+            )
+        if out.finished:
+            reason = out.finish_reason
+            chunks.append(
+                chunk(ChatChunkChoice(index=row.index, delta=ChatDelta(), finish_reason=reason))
+            )
+        return chunks
+
+    def usage_chunk(u: Usage) -> dict[str, object]:
+        c = ChatCompletionChunk(
+            id=request_id, created=created, model=body.model, choices=[], usage=u
+        )
+        return c.model_dump()
+
+    include = body.stream_options is not None and body.stream_options.include_usage
+    return await stream_response(
+        state, rows, request, body.n, render, usage_chunk if include else None
+    )
