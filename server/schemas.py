@@ -45,6 +45,17 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class TokenizerInfo(BaseModel):
+    """GET /tokenizer_info (vLLM's): what a client needs to tokenize through /tokenize, e.g.
+    lm-evaluation-harness' `tokenizer_backend=remote`."""
+
+    tokenizer_class: str = "PreTrainedTokenizerFast"
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None = None
+    model_max_length: int
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

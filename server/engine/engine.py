@@ -380,9 +380,7 @@ class Engine:
             if req.logprobs:
                 req.logprobs.pop()
         elif token in req.stop_ids:
-            reason = "stop"
-            if req.logprobs:
-                req.logprobs.pop()  # the stop token is not part of the output
+            reason = "stop"  # the stop token is not output, but its logprob is reported
         else:
             req.out_ids.append(token)
             new_ids = [token]
@@ -405,7 +403,7 @@ class Engine:
             new_ids,
             text,
             reason,
-            tuple(req.logprobs[-1:]) if new_ids and p.logprobs is not None else (),
+            tuple(req.logprobs[-1:]) if p.logprobs is not None and p.max_tokens else (),
             None if not first or req.prompt_logprobs is None else tuple(req.prompt_logprobs),
         )
 

@@ -24,7 +24,9 @@ class GenerationOutput:
     finish_reason: str  # "stop" (EOS, a stop token or string) | "length"
     prompt_token_ids: list[int]
     adapter: str | None
-    logprobs: list[TokenLogprob] | None = None  # one per token id, if params.logprobs was set
+    # If params.logprobs was set: one per token id, then the stop token's (EOS or a
+    # stop_token_id) when one ended the request, as vLLM reports it.
+    logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the first token's is None
 
 
@@ -36,7 +38,8 @@ class StepOutput:
     new_token_ids: list[int]
     new_text: str
     finish_reason: str | None  # set on the request's last output
-    logprobs: tuple[TokenLogprob, ...] = ()  # of new_token_ids, if params.logprobs was set
+    # If params.logprobs was set: of new_token_ids, or of the stop token that ended the request
+    logprobs: tuple[TokenLogprob, ...] = ()
     # On a request's first output, if params.prompt_logprobs was set; the first one is None.
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 

@@ -78,7 +78,10 @@ async def chat_completions(
         ChatChoice(
             index=row.index,
             message=AssistantMessage(content=res.text),
-            logprobs=chat_logprobs(tok, res.logprobs) if body.logprobs else None,
+            # chat lists the content's tokens only, not the stop token that ended it
+            logprobs=(
+                chat_logprobs(tok, res.logprobs[: len(res.token_ids)]) if body.logprobs else None
+            ),
             finish_reason=res.finish_reason,
         )
         for row, res in zip(rows, results, strict=True)
@@ -117,8 +120,9 @@ async def _stream(
                     ChatChunkChoice(index=row.index, delta=ChatDelta(role="assistant", content=""))
                 )
             )
-        if out.new_text or (body.logprobs and out.logprobs):
-            lp = chat_logprobs(tok, out.logprobs) if body.logprobs else None
+        entries = out.logprobs[: len(out.new_token_ids)]
+        if out.new_text or (body.logprobs and entries):
+            lp = chat_logprobs(tok, entries) if body.logprobs else None
             chunks.append(
                 chunk(
                     ChatChunkChoice(

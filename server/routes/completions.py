@@ -96,7 +96,7 @@ def _choice(
         parts = []
         if body.echo and res.prompt_logprobs is not None:
             parts.append(builder.build(row.prompt_ids, res.prompt_logprobs))
-        parts.append(builder.build(res.token_ids, res.logprobs))
+        parts.append(builder.build([e.token_id for e in res.logprobs], res.logprobs))
         logprobs = _join(parts)
     return CompletionChoice(
         index=row.index,
@@ -147,7 +147,7 @@ async def _stream(
         if out.new_text or out.finished or (body.logprobs is not None and out.logprobs):
             lp = None
             if body.logprobs is not None:
-                lp = builder.build(out.new_token_ids, out.logprobs)
+                lp = builder.build([e.token_id for e in out.logprobs], out.logprobs)
             chunks.append(chunk(row.index, out.new_text, out.finish_reason, lp))
         return chunks
 

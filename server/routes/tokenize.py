@@ -8,7 +8,13 @@ from fastapi import APIRouter
 from server.deps import ApiKeyDep, StateDep
 from server.engine import RequestError
 from server.errors import APIError
-from server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
+from server.schemas import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+)
 
 router = APIRouter()
 
@@ -40,3 +46,18 @@ async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResp
         )
     # As vLLM (and tokenizer.decode's default): special tokens are written out, not dropped.
     return DetokenizeResponse(prompt=tok.decode(body.tokens, skip_special_tokens=False))
+
+
+@router.get("/tokenizer_info", dependencies=[ApiKeyDep], response_model=TokenizerInfo)
+async def tokenizer_info(state: StateDep) -> TokenizerInfo:
+    tok = state.engine.tokenizer
+
+    def name(i: int | None) -> str | None:
+        return None if i is None else tok.raw.id_to_token(i)
+
+    eos = min(state.engine.eos_token_ids, default=None)  # the first of them, by id
+    return TokenizerInfo(
+        bos_token=name(tok.bos_token_id),
+        eos_token=name(eos),
+        model_max_length=state.engine.max_seq_len,
+    )

@@ -114,12 +114,15 @@ def test_generated_logprobs_echo_and_stream(client: TestClient) -> None:
     plain = complete(client, "reverse", logprobs=3, echo=True).json()["choices"][0]
     assert plain["text"] == PROMPT + EXPECTED["reverse"]
     lp = plain["logprobs"]
-    assert "".join(lp["tokens"]) == plain["text"]
+    # the EOS that ended the row is reported after the text's tokens (as vLLM; lm-eval's
+    # loglikelihood requests rely on one entry per prompt token plus one for the sampled token)
+    assert lp["tokens"][-1] == "<|endoftext|>" and lp["token_logprobs"][-1] < 0
+    assert "".join(lp["tokens"][:-1]) == plain["text"]
     offsets = [0]
     for t in lp["tokens"][:-1]:
         offsets.append(offsets[-1] + len(t))
     assert lp["text_offset"] == offsets
-    gen = len(EXPECTED["reverse"])
+    gen = len(EXPECTED["reverse"]) + 1  # + EOS
     for tok, top, value in zip(
         lp["tokens"][-gen:], lp["top_logprobs"][-gen:], lp["token_logprobs"][-gen:], strict=True
     ):

@@ -79,3 +79,11 @@ def test_special_tokens_follow_the_flag_for_a_llama_tokenizer(tmp_path: Path) ->
                                             "add_special_tokens": False}).json()["tokens"]
     assert with_bos[0] == tok.bos_token_id and with_bos[1:] == without
     assert with_bos == tok.encode("hello world")
+
+
+def test_tokenizer_info_names_the_special_tokens(client: TestClient) -> None:
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["bos_token"] is None
+    assert info["model_max_length"] == 128
+    eos = client.post("/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"]
+    assert eos == [256]
