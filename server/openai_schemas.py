@@ -9,10 +9,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from server.schemas import Usage
-
 MAX_N = 128  # as OpenAI
 _SEED = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_N)  # torch seeds are 64-bit; n adds 0..n-1
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
 
 
 class StreamOptions(BaseModel):

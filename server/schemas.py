@@ -4,24 +4,26 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+from server.openai_schemas import ChatMessage
 
 
 class TokenizeRequest(BaseModel):
-    """POST /tokenize (vLLM's shape). `model` is optional: every adapter shares the base's
-    tokenizer, but a named model must exist."""
+    """POST /tokenize (vLLM's shape): a prompt or messages. `model` is optional: every
+    adapter shares the base's tokenizer, but a named model must exist."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(
+        None, min_length=1, description="a chat, rendered by the chat template (instead of prompt)"
+    )
+    add_generation_prompt: bool = True
+    add_special_tokens: bool | None = Field(
+        None, description="default: true for a prompt, false for messages (as vLLM)"
+    )
     return_token_strs: bool = False
 
 

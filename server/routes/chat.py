@@ -21,19 +21,19 @@ from server.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
+    ChatMessage,
+    Usage,
 )
 from server.routes.generation import Row, collect, prepare, stream_response, submit, usage
 from server.routes.logprob_format import chat_logprobs
-from server.schemas import Usage
 from server.state import AppState
 
 router = APIRouter()
 
 
-async def _prompt_ids(state: AppState, body: ChatCompletionRequest) -> list[int]:
-    """The rendered conversation's tokens. The template writes any BOS itself, so none is
-    added (as apply_chat_template(tokenize=True) and vLLM do). Rendering runs off the event
-    loop: an untrusted template may take up to its render deadline."""
+async def render_chat(state: AppState, messages: list[ChatMessage], generation_prompt: bool) -> str:
+    """The conversation as the model's chat template writes it, or a 400. Rendering runs off
+    the event loop: an untrusted template may take up to its render deadline."""
     template = state.chat_template
     if template is None:
         raise APIError(
@@ -42,12 +42,21 @@ async def _prompt_ids(state: AppState, body: ChatCompletionRequest) -> list[int]
             "--chat-template FILE (a jinja template), or use /v1/completions",
             "messages",
         )
-    messages = [
+    plain = [
         {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-        for m in body.messages
+        for m in messages
     ]
     try:
-        text = await asyncio.to_thread(template.render, messages, body.add_generation_prompt)
+        return await asyncio.to_thread(template.render, plain, generation_prompt)
+    except RequestError as e:
+        raise APIError(400, str(e), "messages") from e
+
+
+async def _prompt_ids(state: AppState, body: ChatCompletionRequest) -> list[int]:
+    """The rendered conversation's tokens. The template writes any BOS itself, so none is
+    added (as apply_chat_template(tokenize=True) and vLLM do)."""
+    text = await render_chat(state, body.messages, body.add_generation_prompt)
+    try:
         return state.engine.tokenizer.encode(text, add_special_tokens=False)
     except RequestError as e:
         raise APIError(400, str(e), "messages") from e

@@ -19,6 +19,7 @@ from server.openai_schemas import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    Usage,
 )
 from server.routes.generation import (
     Result,
@@ -30,7 +31,6 @@ from server.routes.generation import (
     usage,
 )
 from server.routes.logprob_format import CompletionLogprobsBuilder
-from server.schemas import Usage
 from server.state import AppState
 
 router = APIRouter()

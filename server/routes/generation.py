@@ -17,8 +17,7 @@ from server.engine import RequestError, SamplingParams, StepOutput
 from server.engine.loop import AdapterGone, QueueFull, Stream
 from server.engine.outputs import TokenLogprob
 from server.errors import APIError, error_body
-from server.openai_schemas import SamplingFields
-from server.schemas import Usage
+from server.openai_schemas import SamplingFields, Usage
 from server.state import AppState
 
 # SamplingParams' messages start with the parameter's name.

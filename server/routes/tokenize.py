@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from server.deps import ApiKeyDep, StateDep
 from server.engine import RequestError
 from server.errors import APIError
+from server.routes.chat import render_chat
 from server.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -21,13 +22,24 @@ router = APIRouter()
 
 @router.post("/tokenize", dependencies=[ApiKeyDep], response_model=TokenizeResponse)
 async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
+    """A prompt, or messages rendered by the chat template (special tokens then default to
+    off: the template writes them, as in /v1/chat/completions)."""
+    if (body.prompt is None) == (body.messages is None):
+        raise APIError(400, "give exactly one of prompt and messages", "prompt")
     if body.model is not None:
         state.resolve_model(body.model)
     tok = state.engine.tokenizer
+    special = body.add_special_tokens
+    if body.messages is not None:
+        text = await render_chat(state, body.messages, body.add_generation_prompt)
+        special = bool(special)
+    else:
+        text = body.prompt or ""
+        special = special is None or special
     try:
-        ids = tok.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        ids = tok.encode(text, add_special_tokens=special)
     except RequestError as e:
-        raise APIError(400, str(e), "prompt") from e
+        raise APIError(400, str(e), "prompt" if body.messages is None else "messages") from e
     strs = [tok.raw.id_to_token(i) for i in ids] if body.return_token_strs else None
     return TokenizeResponse(
         count=len(ids), max_model_len=state.engine.max_seq_len, tokens=ids, token_strs=strs

@@ -75,8 +75,9 @@ def test_special_tokens_follow_the_flag_for_a_llama_tokenizer(tmp_path: Path) ->
     tok = load_tokenizer(base)
     with serve(make_settings(tmp_path, model=base, seed_demo_adapters=False)) as c:
         with_bos = c.post("/tokenize", json={"prompt": "hello world"}).json()["tokens"]
-        without = c.post("/tokenize", json={"prompt": "hello world",
-                                            "add_special_tokens": False}).json()["tokens"]
+        without = c.post(
+            "/tokenize", json={"prompt": "hello world", "add_special_tokens": False}
+        ).json()["tokens"]
     assert with_bos[0] == tok.bos_token_id and with_bos[1:] == without
     assert with_bos == tok.encode("hello world")
 
@@ -87,3 +88,19 @@ def test_tokenizer_info_names_the_special_tokens(client: TestClient) -> None:
     assert info["model_max_length"] == 128
     eos = client.post("/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"]
     assert eos == [256]
+
+
+def test_tokenize_messages_renders_the_chat_template(client: TestClient) -> None:
+    msgs = [{"role": "system", "content": "hi"}, {"role": "user", "content": "hello"}]
+    out = client.post("/tokenize", json={"model": "reverse", "messages": msgs}).json()
+    assert out["tokens"] == list(PROMPT.encode())  # the demo template: "in: hello\nout:"
+    for body in ({}, {"prompt": "x", "messages": msgs}):
+        assert_error(
+            client.post("/tokenize", json=body), 400, param="prompt", contains="exactly one"
+        )
+    assert_error(
+        client.post("/tokenize", json={"messages": [{"role": "system", "content": "x"}]}),
+        400,
+        param="messages",
+        contains="user message",
+    )
