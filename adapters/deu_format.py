@@ -181,7 +181,7 @@ def deu_from_file(
                     f"the config lists layer {layer} but the file has no {p!r} for it",
                     deu_key(layer, p),
                 )
-    tensors = read_tensors(weights, name, [e.key for e in found.values()])
+    tensors = read_tensors(weights, name, list(found.values()))
     params = {}
     for layer in config.layers:
         rows = [tensors[deu_key(layer, p)] for p in PARAMS]

@@ -13,13 +13,14 @@ import os
 import re
 import secrets
 import struct
-from collections.abc import Callable, Mapping
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import save
 from torch import Tensor
 
@@ -39,8 +40,12 @@ _TRAINING_STATE_RE = {
     "monteclora_config": re.compile(r"base_model\.model\..+\.lora_monteclora_sampler\..+"),
 }
 _FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
-_OTHER_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
-                 "I32": 4, "U32": 4, "I64": 8, "U64": 8, "C64": 8}
+_OTHER_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+                 "I16": 2, "U16": 2, "I32": 4, "U32": 4, "I64": 8, "U64": 8, "C64": 8}
+# Sub-byte dtypes safetensors knows (their byte size is not checked; they are never read).
+_PACKED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")
+_TORCH_FLOATS = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                 "F64": torch.float64}
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
 _MAX_CONFIG = 1024 * 1024
 
@@ -116,11 +121,13 @@ class LoRAAdapter:
 
 @dataclass(frozen=True)
 class Entry:
-    """One tensor of a safetensors header."""
+    """One tensor of a safetensors header; start/stop are absolute byte offsets in the file."""
 
     key: str
     dtype: str
     shape: tuple[int, ...]
+    start: int
+    stop: int
 
 
 def load_lora_adapter(
@@ -156,7 +163,8 @@ def lora_from_file(
     """The LoRA adapter a PEFT config and the LoRA tensors of a safetensors file describe."""
     config = LoRAConfig.from_dict(raw, name, base.layout, base.n_layer)
     prefix, plan = _plan(entries, config, name, base, max_rank)
-    tensors = read_tensors(weights, name, [key for pair in plan.values() for key in pair])
+    by_key = {e.key: e for e in entries}
+    tensors = read_tensors(weights, name, [by_key[k] for pair in plan.values() for k in pair])
     modules = []
     for (layer, target), (a_key, b_key) in sorted(plan.items()):
         module_name = base.layout.module_name(prefix, layer, target)
@@ -277,6 +285,9 @@ def read_header(path: Path, name: str) -> list[Entry]:
     entries = []
     for key, info in header.items():
         if key == "__metadata__":
+            if not (isinstance(info, dict)
+                    and all(isinstance(k, str) and isinstance(v, str) for k, v in info.items())):
+                raise bad("__metadata__ is not an object of strings")
             continue
         if not (isinstance(info, dict) and isinstance(info.get("dtype"), str)
                 and isinstance(info.get("shape"), list)
@@ -286,11 +297,22 @@ def read_header(path: Path, name: str) -> list[Entry]:
             raise bad(f"malformed header entry for {key!r}")
         dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
         itemsize = _FLOAT_DTYPES.get(dtype) or _OTHER_DTYPES.get(dtype)
-        if itemsize is not None and not (
-            0 <= begin <= end <= data_size and end - begin == math.prod(shape) * itemsize
+        if itemsize is None and dtype not in _PACKED_DTYPES:
+            raise bad(f"unknown dtype {dtype!r} of {key!r}")
+        if not 0 <= begin <= end <= data_size or (
+            itemsize is not None and end - begin != math.prod(shape) * itemsize
         ):
             raise bad(f"data offsets of {key!r} do not match its shape or the file size")
-        entries.append(Entry(key, dtype, shape))
+        entries.append(Entry(key, dtype, shape, 8 + n + begin, 8 + n + end))
+    # What safetensors itself requires: the tensors tile the data exactly, without gaps or
+    # overlaps (read_tensors reads the bytes directly, so this is checked here).
+    position = 8 + n
+    for entry in sorted(entries, key=lambda x: (x.start, x.stop)):
+        if entry.start != position:
+            raise bad(f"data of {entry.key!r} does not start where the previous tensor ends")
+        position = entry.stop
+    if position != size:
+        raise bad(f"the tensors cover {position - 8 - n} of the {data_size} data bytes")
     return entries
 
 
@@ -368,18 +390,61 @@ def _plan(
     return prefix, plan
 
 
-def read_tensors(path: Path, name: str, keys: list[str]) -> dict[str, Tensor]:
-    out = {}
+def read_tensors(path: Path, name: str, entries: Sequence[Entry]) -> dict[str, Tensor]:
+    """The float tensors `entries` (from `read_header`) name, as contiguous float32 CPU tensors,
+    checked finite in one pass (about 1 ms for 9 MB).
+
+    The file is mapped, privately and read-only in effect (as safetensors' own loader maps it),
+    and float32 tensors (the common case) are views of the mapping: nothing is copied, pages are
+    mapped straight from the page cache, and the CPU cache's bytes are the page cache's. A
+    stored file is never rewritten in place (the store only renames and unlinks), which a
+    mapping needs: truncating a mapped file would fault its readers. F16/BF16/F64 tensors and
+    misaligned ones are converted or copied. A NaN or Inf (after the float32 cast, so float64
+    values beyond float32's range count) is refused, naming its tensor.
+    """
+    def bad(why: str) -> AdapterError:
+        return AdapterError(name, f"corrupt safetensors file: {why}", WEIGHTS_NAME)
+
+    if not entries:
+        return {}
+    for e in entries:
+        if e.dtype not in _TORCH_FLOATS:
+            raise AdapterError(name, f"dtype {e.dtype} is not one of {sorted(_FLOAT_DTYPES)}",
+                               e.key)
+    if sys.byteorder != "little":  # safetensors is little-endian; torch views are native
+        raise AdapterError(name, "reading safetensors needs a little-endian machine",
+                           WEIGHTS_NAME)
+    lo, hi = min(e.start for e in entries), max(e.stop for e in entries)
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in keys:
-                # A: (r, d_in), B: (d_out, r)
-                out[key] = f.get_tensor(key).to(torch.float32).contiguous()
-    # safetensors raises its own SafetensorError, OSError or RuntimeError depending on what broke.
-    except Exception as e:
-        raise AdapterError(name, f"corrupt safetensors file: {e}", WEIGHTS_NAME) from e
+        size = path.stat().st_size
+        if size < hi:  # changed since its header was read
+            raise bad(f"{size} bytes, but its header describes {hi}")
+        # shared=False: MAP_PRIVATE. Unlike Python's mmap it keeps no file descriptor open.
+        storage = cast(torch.UntypedStorage, torch.UntypedStorage.from_file(str(path), False, size))
+    except (OSError, RuntimeError) as err:
+        raise AdapterError(name, f"cannot be read: {err}", WEIGHTS_NAME) from err
+    buf = torch.empty(0, dtype=torch.uint8).set_(storage)  # (size,) bytes of the file
+    out: dict[str, Tensor] = {}
+    float32_bytes = 0
+    for e in entries:
+        dtype, itemsize = _TORCH_FLOATS[e.dtype], _FLOAT_DTYPES[e.dtype]
+        raw = buf[e.start:e.stop]
+        if e.start % itemsize:
+            raw = raw.clone()  # a fresh, aligned allocation: a dtype view needs alignment
+        t = raw.view(dtype).view(e.shape)  # A: (r, d_in), B: (d_out, r)
+        if dtype == torch.float32 and raw.data_ptr() == buf.data_ptr() + e.start:
+            float32_bytes += e.stop - e.start
+        else:
+            t = t.to(torch.float32).contiguous()
+        out[e.key] = t
+    # One pass over [lo, hi) when the tensors read tile it as float32 views, else one per
+    # tensor. numpy's isfinite runs on the calling thread: a torch reduction this size would
+    # wake the intra-op thread pool, which stalls whenever the engine's forward pass (or
+    # anything else) has the other cores.
+    tiled = float32_bytes == hi - lo and len({e.key for e in entries}) == len(entries)
+    if tiled and bool(np.isfinite(buf[lo:hi].numpy().view(np.float32)).all()):
+        return out
     for key, t in out.items():
-        # Checked after the float32 cast so float64 values beyond float32's range are caught too.
-        if not bool(torch.isfinite(t).all()):
+        if not bool(np.isfinite(t.numpy()).all()):
             raise AdapterError(name, "contains NaN or Inf", key)
     return out

@@ -403,7 +403,8 @@ class ServerProcess:
         assert self.proc is not None
         return self.proc.pid
 
-    def start(self) -> ServerProcess:
+    def start(self, poll_s: float = 0.2) -> ServerProcess:
+        """Launch and wait until ready, checking every poll_s seconds."""
         import httpx
 
         env = {**os.environ, **self.env}
@@ -426,7 +427,7 @@ class ServerProcess:
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{self.kind} server not ready in time:\n{self.log_tail()}")
-            time.sleep(0.2)
+            time.sleep(poll_s)
 
     def log_tail(self, n: int = 30) -> str:
         try:

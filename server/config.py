@@ -52,6 +52,15 @@ class Settings(BaseSettings):
     merge_min_share: float = Field(0.75, gt=0, le=1, description="share of running rows to merge")
     merge_min_rows: int = Field(4, ge=1, description="running rows needed before merging")
     seed_demo_adapters: bool = Field(True, description="put the demo adapters in an empty store")
+    engine_process: bool = Field(
+        True, description="run the engine in its own process (false: on a thread of the API's)"
+    )
+    engine_threads: int | None = Field(
+        None,
+        ge=1,
+        description="the engine process' torch threads (default: the CPU cores but one, which "
+        "the API process needs; threads that share a core with it stall every step)",
+    )
     device: str | None = None
     dtype: str | None = None
     log_level: str = "info"
@@ -69,6 +78,13 @@ class Settings(BaseSettings):
     @property
     def model_id(self) -> str:
         return self.served_model_name or self.model.resolve().name
+
+    @property
+    def torch_threads(self) -> int | None:
+        """The engine process' torch threads; None leaves torch's default (engine on a thread)."""
+        if not self.engine_process:
+            return self.engine_threads
+        return self.engine_threads or max(1, (os.cpu_count() or 2) - 1)
 
     @property
     def store_path(self) -> Path:

@@ -1,7 +1,8 @@
-"""The FastAPI app: built from Settings; the lifespan loads the model and runs the engine loop."""
+"""The FastAPI app: built from Settings; the lifespan starts the engine core and stops it."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -9,14 +10,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from adapters.adapter import Adapter
-from adapters.cache import ByteLRU
 from adapters.demo_tasks import demo_adapters
 from adapters.store import AdapterStore
 from server.config import Settings
-from server.engine import Engine, EngineConfig
+from server.engine import EngineConfig
 from server.engine.chat_template import ChatTemplate
-from server.engine.loop import EngineLoop, LoopConfig
+from server.engine.client import EngineClient
+from server.engine.core import CoreConfig, LoopConfig
+from server.engine.inputs import InputProcessor
 from server.errors import install_error_handlers
 from server.metrics import Metrics
 from server.routes import adapters, chat, completions, health, models, tokenize
@@ -26,44 +27,45 @@ log = logging.getLogger("hotlora.server")
 
 
 def build_state(settings: Settings) -> AppState:
-    """Load the base model, open the adapter store and start the engine loop."""
+    """Read the model's config and tokenizer, open the adapter store; the engine core (which
+    loads the weights) starts in the lifespan."""
     template = ChatTemplate.load(settings.model, settings.chat_template)  # fails fast
-    engine = Engine.from_pretrained(
-        settings.model,
-        EngineConfig(
-            max_batch=settings.max_running,
-            max_seq_len=settings.max_seq_len,
-            max_adapters=settings.max_adapters,
-            max_rank=settings.max_rank,
-        ),
+    engine_config = EngineConfig(
+        max_batch=settings.max_running,
+        max_seq_len=settings.max_seq_len,
+        max_adapters=settings.max_adapters,
+        max_rank=settings.max_rank,
         device=settings.device,
         dtype=settings.dtype,
+        detokenize=False,  # the API detokenizes (EngineClient)
     )
+    inputs = InputProcessor.from_model_dir(settings.model, engine_config)
     store = AdapterStore(
-        settings.store_path, engine.base_shapes, settings.max_rank, settings.max_upload_bytes
+        settings.store_path, inputs.base_shapes, settings.max_rank, settings.max_upload_bytes
     )
     shipped = demo_adapters(settings.model)
     if settings.seed_demo_adapters and shipped and not store.names():
         for name, (path, _) in shipped.items():
             store.put_dir(name, path)
         log.info("adapter store was empty: added the demo adapters %s", ", ".join(shipped))
-    metrics = Metrics(max_lora=settings.max_adapters)
-    cache: ByteLRU[str, Adapter] = ByteLRU(settings.cpu_cache_bytes)
-    loop = EngineLoop(
-        engine,
-        store,
-        cache,
-        LoopConfig(
-            settings.max_queue,
-            settings.merge_hot_adapters,
-            settings.merge_min_share,
-            settings.merge_min_rows,
+    metrics = Metrics()
+    core = CoreConfig(
+        model_dir=settings.model,
+        engine=engine_config,
+        loop=LoopConfig(
+            settings.merge_hot_adapters, settings.merge_min_share, settings.merge_min_rows
         ),
-        metrics,
+        cpu_cache_bytes=settings.cpu_cache_bytes,
+        torch_threads=settings.torch_threads,
     )
-    return AppState(
-        settings, engine, store, cache, loop, metrics, int(time.time()), template
+    client = EngineClient(
+        inputs,
+        core,
+        max_queue=settings.max_queue,
+        metrics=metrics,
+        own_process=settings.engine_process,
     )
+    return AppState(settings, inputs, store, client, metrics, int(time.time()), template)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -86,12 +88,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             )
         state = build_state(settings)
         app.state.hotlora = state
-        state.loop.start()
+        await state.client.start()
         log.info("serving %s with %d stored adapters", settings.model_id, len(state.store.names()))
         try:
             yield
         finally:
-            state.loop.stop()
+            await asyncio.to_thread(state.client.stop)
 
     app = FastAPI(title="hotlora", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)

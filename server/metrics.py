@@ -1,4 +1,9 @@
-"""Every Prometheus metric hotlora exports, defined in one place (one registry per app)."""
+"""Every Prometheus metric hotlora exports, defined in one place.
+
+Two registries, one per side of the engine boundary: `Metrics` lives with the API (requests,
+latencies, tokens, the queue, uploads) and `CoreMetrics` with the engine loop (batches, adapter
+tiers, slots, merges), which may run in its own process. /metrics serves both texts.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +19,10 @@ KINDS = ("lora", "deu", "lora+deu")
 
 
 class Metrics:
-    """hotlora's metrics. Labels are bounded: outcomes, tiers and kinds are fixed enums."""
+    """The API's metrics. Labels are bounded: outcomes, tiers and kinds are fixed enums."""
 
-    def __init__(self, max_lora: int) -> None:
+    def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.max_lora = max_lora
         self.requests = Counter(
             "hotlora_requests", "Finished requests by outcome", ["outcome"], registry=r
         )  # outcome: stop | length | abort | error | rejected
@@ -56,10 +60,27 @@ class Metrics:
         self.generation_tokens = Counter(
             "hotlora_generation_tokens", "Tokens generated", registry=r
         )
-        self.running = Gauge("hotlora_num_requests_running", "Requests in batch rows", registry=r)
         self.waiting = Gauge(
             "hotlora_num_requests_waiting", "Requests waiting for a row", registry=r
         )
+        self.hot_swaps = Counter(
+            "hotlora_adapter_hot_swaps", "New versions uploaded under an existing name", registry=r
+        )
+        self.uploads = Counter(
+            "hotlora_adapter_uploads", "Adapter uploads by outcome", ["outcome"], registry=r
+        )  # outcome: ok | rejected
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class CoreMetrics:
+    """The engine loop's metrics (see the module docstring)."""
+
+    def __init__(self, max_lora: int) -> None:
+        r = self.registry = CollectorRegistry()
+        self.max_lora = max_lora
+        self.running = Gauge("hotlora_num_requests_running", "Requests in batch rows", registry=r)
         self.batch_size = Histogram(
             "hotlora_batch_size", "Rows per forward pass", ["phase"], buckets=_BATCH, registry=r
         )  # phase: prefill | decode
@@ -93,12 +114,6 @@ class Metrics:
             self.resident.labels(kind).set(0)
         self.slots_total = Gauge("hotlora_adapter_slots_total", "Device adapter slots", registry=r)
         self.slots_total.set(max_lora)
-        self.hot_swaps = Counter(
-            "hotlora_adapter_hot_swaps", "New versions uploaded under an existing name", registry=r
-        )
-        self.uploads = Counter(
-            "hotlora_adapter_uploads", "Adapter uploads by outcome", ["outcome"], registry=r
-        )  # outcome: ok | rejected
         self.merged = Gauge(
             "hotlora_merged_adapters", "Adapters served from merged weights", registry=r
         )

@@ -5,6 +5,7 @@ Ranges are checked here, so a bad value is a 400 naming its field before anythin
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -52,8 +53,8 @@ class SamplingFields(BaseModel):
     @classmethod
     def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key in v or {}:
-            if not key.isdigit():
-                raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+            if not re.fullmatch(r"[0-9]{1,10}", key):
+                raise ValueError(f"logit_bias keys must be token ids, got {key[:20]!r}")
         return v
 
     @field_validator("stop")

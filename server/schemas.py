@@ -68,8 +68,14 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """OpenAI's list shape; ``first_id`` / ``last_id`` / ``has_more`` page it (``limit`` and
+    ``after`` query parameters); a client that ignores them gets everything, as before."""
+
     object: Literal["list"] = "list"
     data: list[ModelCard]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
 
 
 class AdapterInfo(BaseModel):
@@ -91,8 +97,13 @@ class AdapterDetail(AdapterInfo):
 
 
 class AdapterList(BaseModel):
+    """Paged like ModelList; the ids are adapter names."""
+
     object: Literal["list"] = "list"
     data: list[AdapterInfo]
+    first_id: str | None = None
+    last_id: str | None = None
+    has_more: bool = False
 
 
 class LoadLoraRequest(BaseModel):

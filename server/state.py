@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters.adapter import Adapter
-from adapters.cache import ByteLRU
 from adapters.store import AdapterStore, AdapterVersion
 from server.config import Settings
 from server.engine.chat_template import ChatTemplate
-from server.engine.engine import Engine
-from server.engine.loop import EngineLoop
+from server.engine.client import EngineClient
+from server.engine.inputs import InputProcessor
 from server.errors import APIError
 from server.metrics import Metrics
 
@@ -18,10 +16,9 @@ from server.metrics import Metrics
 @dataclass(frozen=True)
 class AppState:
     settings: Settings
-    engine: Engine
+    inputs: InputProcessor  # tokenizer and request checks (no weights in the API process)
     store: AdapterStore
-    cache: ByteLRU[str, Adapter]
-    loop: EngineLoop
+    client: EngineClient  # the engine core, in its own process or on a thread
     metrics: Metrics
     created: int
     chat_template: ChatTemplate | None = None

@@ -31,6 +31,9 @@ class EngineConfig:
     max_rank: int = 16
     device: str | None = None  # None = cuda if available else cpu
     dtype: str | None = None  # "float32" | "float16" | "bfloat16"; None = per device
+    # False: outputs carry token ids only (no text, no stop strings). The server's engine
+    # process runs so: its API process detokenizes, off the engine's critical path.
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
         for key in ("max_batch", "max_adapters", "max_rank"):

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from adapters.adapter import Adapter, load_adapter
-from adapters.format import BaseShapes
 from server.engine.batch import StepBatch, build_step
-from server.engine.config import DEFAULT_MAX_SEQ_LEN, EngineConfig
-from server.engine.errors import EngineError, ModelLoadError, RequestError
+from server.engine.config import EngineConfig
+from server.engine.errors import EngineError, RequestError
 from server.engine.hook import BatchAdapters
+from server.engine.inputs import InputProcessor
 from server.engine.kv_cache import KVCache
 from server.engine.loader import load_model
 from server.engine.logprobs import prompt_logprobs, token_logprobs
@@ -75,21 +75,12 @@ class Engine:
         self.model_dir = model_dir
         weight = next(iter(model.parameters()))
         self.device, self.dtype = weight.device, weight.dtype
-        context = min(cfg.max_positions, DEFAULT_MAX_SEQ_LEN)
-        self.max_seq_len = min(config.max_seq_len or context, cfg.max_positions)
-        window = cfg.attention_window
-        if window is not None and window < self.max_seq_len:
-            raise ModelLoadError(
-                f"config.json: sliding_window={window} is smaller than the served context of "
-                f"{self.max_seq_len} tokens; hotlora attends to the whole context: serve with "
-                f"max_seq_len <= {window}"
-            )
+        self.inputs = InputProcessor(cfg, tokenizer, config)
+        self.max_seq_len = self.inputs.max_seq_len
+        self.base_shapes = self.inputs.base_shapes
+        self.eos_token_ids = self.inputs.eos_token_ids
         self.kv = KVCache(cfg, config.max_batch, self.max_seq_len, self.device, self.dtype)
         self.residents = Residents(model, config, self.device, self.dtype)
-        self.base_shapes = BaseShapes(cfg.n_layer, cfg.target_dims(), cfg.layout)
-        # generation_config.json's eos_token_id (an int or a list), else config.json's: as
-        # transformers' generate() stops.
-        self.eos_token_ids = frozenset(i for i in tokenizer.eos_token_ids if i < cfg.vocab_size)
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -179,19 +170,7 @@ class Engine:
     # ------------------------------------------------------------------ requests
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not ids:
-            if self.model_config.bos_token_id is None:
-                raise RequestError("prompt is empty")
-            ids = [self.model_config.bos_token_id]
-        if any(not 0 <= i < self.model_config.vocab_size for i in ids):
-            raise RequestError(f"prompt token ids must be in [0, {self.model_config.vocab_size})")
-        if len(ids) >= self.max_seq_len:
-            raise RequestError(
-                f"prompt has {len(ids)} tokens; the context holds {self.max_seq_len}, "
-                "so the prompt must be shorter"
-            )
-        return ids
+        return self.inputs.encode(prompt)
 
     def add_request(
         self,
@@ -243,20 +222,7 @@ class Engine:
 
     def check_request(self, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
         """Encode and check a request without queueing it (safe from any thread)."""
-        ids = self.encode(prompt)
-        vocab = self.model_config.vocab_size
-        bad = [t for t in params.token_ids() if t >= vocab]
-        if bad:
-            raise RequestError(
-                f"token id {bad[0]} (in stop_token_ids or logit_bias) is outside the "
-                f"vocabulary [0, {vocab})"
-            )
-        if len(ids) + params.max_tokens > self.max_seq_len:
-            raise RequestError(
-                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context of {self.max_seq_len} tokens; lower max_tokens"
-            )
-        return ids
+        return self.inputs.check_request(prompt, params)
 
     def adapter_counts(self) -> tuple[dict[str, int], dict[str, int]]:
         """Rows per adapter among running and among waiting requests."""
@@ -389,11 +355,13 @@ class Engine:
                 or len(req.prompt_ids) + len(req.out_ids) >= self.max_seq_len
             ):
                 reason = "length"
-        text = req.detok.update(
-            req.out_ids, final=reason is not None, check_stop=len(req.out_ids) > p.min_tokens
-        )
-        if req.detok.stopped:
-            reason = "stop"
+        text = ""
+        if self.config.detokenize:
+            text = req.detok.update(
+                req.out_ids, final=reason is not None, check_stop=len(req.out_ids) > p.min_tokens
+            )
+            if req.detok.stopped:
+                reason = "stop"
         if reason is not None:
             req.finish_reason = reason
             self._running.pop(req.id, None)

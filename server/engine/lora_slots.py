@@ -55,20 +55,39 @@ class LoRASlots:
         self.neg_scales = torch.zeros_like(self.scales)
 
     def write(self, slot: int, adapter: LoRAAdapter) -> None:
-        """Copy an adapter into a slot, zeroing whatever an earlier occupant left there."""
-        self.clear(slot)
+        """Copy an adapter into a slot, overwriting everything an earlier occupant left there.
+
+        Each byte of the slot is written once: a module's rank-r block is copied and only the
+        rank padding beyond it, and the (layer, target)s the adapter does not adapt, are zeroed.
+        """
+        index = {t: i for i, t in enumerate(self.targets)}
+        scales = torch.zeros(len(self.A), len(self.targets))  # (L, T), on the CPU
+        covered = set()
         for m in adapter.modules:
-            t = self.targets.index(m.target)
-            self.A[m.layer][t][slot, : m.rank].copy_(m.A)
-            self.B[m.layer][t][slot, :, : m.rank].copy_(m.B)
-            self.scales[m.layer, t, slot] = m.scaling
+            t, r = index[m.target], m.rank
+            a, b = self.A[m.layer][t][slot], self.B[m.layer][t][slot]  # (R, d_in), (d_out, R)
+            a[:r].copy_(m.A)
+            b[:, :r].copy_(m.B)
+            if r < self.max_rank:
+                a[r:].zero_()
+                b[:, r:].zero_()
+            scales[m.layer, t] = m.scaling
+            covered.add((m.layer, t))
+        for layer, (layer_a, layer_b) in enumerate(zip(self.A, self.B, strict=True)):
+            for t, (a, b) in enumerate(zip(layer_a, layer_b, strict=True)):
+                if (layer, t) not in covered:
+                    a[slot].zero_()
+                    b[slot].zero_()
+        self.scales[:, :, slot] = scales.to(self.scales.device)
         torch.neg(self.scales, out=self.neg_scales)
 
     def clear(self, slot: int) -> None:
-        for layer_a, layer_b in zip(self.A, self.B, strict=True):
-            for a, b in zip(layer_a, layer_b, strict=True):
-                a[slot].zero_()
-                b[slot].zero_()
+        """Retire a slot: its scales become 0, so it adds exactly nothing wherever it is read.
+
+        Its A and B keep their (finite, validated) values: nothing reads a free slot, and
+        `write` overwrites every byte of it before it serves again, so zeroing them here would
+        only double the memory traffic of an eviction.
+        """
         self.scales[:, :, slot] = 0
         self.neg_scales[:, :, slot] = 0
 

@@ -12,6 +12,7 @@ from torch import Tensor
 from server.engine.errors import RequestError
 
 MAX_LOGPROBS = 20  # as OpenAI: at most 20 alternatives per position
+_GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows)
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < _GREEDY_BELOW
 
     @property
     def adjusts_logits(self) -> bool:
@@ -99,10 +100,6 @@ class SamplingParams:
             or self.frequency_penalty
             or self.repetition_penalty != 1.0
         )
-
-    def token_ids(self) -> list[int]:
-        """Every token id the parameters name (checked against the vocabulary by the engine)."""
-        return list(self.stop_token_ids) + [t for t, _ in self.logit_bias]
 
 
 def _check_int(name: str, value: object, lo: int, hi: int | None = None, note: str = "") -> None:
@@ -135,7 +132,8 @@ def adjust_logits(row: Tensor, p: SamplingParams, h: RowHistory) -> Tensor:
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias], device=row.device)
         row.index_add_(0, ids, torch.tensor([b for _, b in p.logit_bias], device=row.device))
-    if len(h.out_ids) < p.min_tokens and h.stop_ids:
+    if len(h.out_ids) < p.min_tokens and 0 < len(h.stop_ids) < row.shape[0]:
+        # (a row whose every token is a stop token cannot be held back: nothing else to pick)
         row[torch.tensor(sorted(h.stop_ids), device=row.device)] = float("-inf")
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(h.prompt_ids) | set(h.out_ids)), device=row.device)
@@ -143,9 +141,8 @@ def adjust_logits(row: Tensor, p: SamplingParams, h: RowHistory) -> Tensor:
         rp = p.repetition_penalty
         row[seen] = torch.where(vals > 0, vals / rp, vals * rp)
     if (p.frequency_penalty or p.presence_penalty) and h.out_ids:
-        out = torch.tensor(h.out_ids, device=row.device)
-        counts = torch.bincount(out, minlength=row.shape[0]).to(row.dtype)  # (V,)
-        row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
+        ids, counts = torch.tensor(h.out_ids, device=row.device).unique(return_counts=True)
+        row[ids] -= p.frequency_penalty * counts.to(row.dtype) + p.presence_penalty
     return row
 
 
@@ -187,5 +184,8 @@ def sample(
             tokens[i] = int(row.argmax())
             continue
         probs = _filter(row / p.temperature, p.top_k, p.top_p).softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # extreme penalties overflowed this row:
+            tokens[i] = int(torch.nan_to_num(row, nan=float("-inf")).argmax())  # never the batch
+            continue
         tokens[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     return tokens

@@ -58,6 +58,7 @@ class TextTokenizer:
         # decode(skip_special_tokens=True) drops exactly these
         added = raw.get_added_tokens_decoder()
         self.special_ids = frozenset(i for i, t in added.items() if t.special)
+        self._token_texts: dict[int, str] = {}  # bounded by the vocabulary
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`, with the BOS/EOS the post-processor adds (AutoTokenizer's ids)."""
@@ -68,6 +69,14 @@ class TextTokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self.raw.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_text(self, token_id: int) -> str:
+        """One token decoded alone, special tokens written out (memoized: log-probabilities
+        name up to 21 tokens per position)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.decode([token_id], skip_special_tokens=False)
+        return text
 
     def token_to_id(self, token: str) -> int | None:
         i = self.raw.token_to_id(token)

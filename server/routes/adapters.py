@@ -7,12 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from adapters.errors import AdapterError
 from adapters.store import AdapterVersion, check_name
 from server.deps import AdminDep, ApiKeyDep, StateDep
 from server.errors import APIError
+from server.routes.listing import After, Limit, full_listings, json_response, quote, render
 from server.schemas import (
     AdapterDetail,
     AdapterInfo,
@@ -66,7 +67,7 @@ async def _publish(state: AppState, v: AdapterVersion, replaced: bool) -> None:
     if replaced:
         state.metrics.hot_swaps.inc()
     state.metrics.uploads.labels("ok").inc()
-    await state.loop.call(lambda: state.loop.retire(v.name, keep=v.key))
+    await state.client.retire(v.name, keep=v.key)
 
 
 @router.post("/v1/adapters", status_code=201, dependencies=[AdminDep], response_model=AdapterInfo)
@@ -95,9 +96,29 @@ async def upload_adapter(
     return info(version)
 
 
+def _info_json(v: AdapterVersion) -> str:
+    """An AdapterInfo as JSON text (its fields, in its order)."""
+    targets = ",".join(quote(t) for t in v.target_modules)
+    return (
+        f'{{"name":{quote(v.name)},"version":{int(v.version)},"kind":{quote(v.kind)},'
+        f'"rank":{int(v.rank)},"target_modules":[{targets}],"size_bytes":{int(v.size_bytes)},'
+        f'"sha256":{quote(v.sha256)},"created":{int(v.created)}}}'
+    )
+
+
+def _adapter_page(state: AppState, after: str | None, limit: int | None) -> bytes:
+    versions, more = state.store.page(after, limit)
+    first, last = (versions[0].name, versions[-1].name) if versions else (None, None)
+    return render([_info_json(v) for v in versions], first, last, more)
+
+
 @router.get("/v1/adapters", dependencies=[ApiKeyDep], response_model=AdapterList)
-async def list_adapters(state: StateDep) -> AdapterList:
-    return AdapterList(data=[info(v) for v in state.store.latest_all()])
+async def list_adapters(state: StateDep, limit: Limit = None, after: After = None) -> Response:
+    """The newest version of every adapter, by name; paged with `limit` + `after` (a name)."""
+    if limit is None and after is None:
+        body = full_listings.get(state.store, "adapters", lambda: _adapter_page(state, None, None))
+        return json_response(body)
+    return json_response(_adapter_page(state, after, limit))
 
 
 @router.get("/v1/adapters/{name}", dependencies=[ApiKeyDep], response_model=AdapterDetail)
@@ -106,7 +127,7 @@ async def get_adapter(name: str, state: StateDep) -> AdapterDetail:
     if v is None:
         raise APIError(404, f"adapter {name!r} does not exist", "name")
     versions = [x.version for x in state.store.versions(name)]
-    resident = v.key in state.engine.adapters
+    resident = v.key in await state.client.resident()
     return AdapterDetail(**info(v).model_dump(), versions=versions, resident=resident)
 
 
@@ -115,9 +136,9 @@ async def _delete(state: AppState, name: str, param: str) -> None:
     if not removed:
         raise APIError(404, f"adapter {name!r} does not exist", param)
     for v in removed:
-        state.cache.pop(v.key)
+        state.client.drop_cached(v.key)
     # Requests already running on it finish; new ones get a 404.
-    await state.loop.call(lambda: state.loop.retire(name))
+    await state.client.retire(name)
 
 
 @router.delete("/v1/adapters/{name}", dependencies=[AdminDep])

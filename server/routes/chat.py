@@ -3,7 +3,6 @@ then generated like a completion; streamed as chat.completion.chunk events."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 
@@ -21,35 +20,14 @@ from server.openai_schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
     ChatDelta,
-    ChatMessage,
     Usage,
 )
 from server.routes.generation import Row, collect, prepare, stream_response, submit, usage
 from server.routes.logprob_format import chat_logprobs
+from server.routes.templating import render_chat
 from server.state import AppState
 
 router = APIRouter()
-
-
-async def render_chat(state: AppState, messages: list[ChatMessage], generation_prompt: bool) -> str:
-    """The conversation as the model's chat template writes it, or a 400. Rendering runs off
-    the event loop: an untrusted template may take up to its render deadline."""
-    template = state.chat_template
-    if template is None:
-        raise APIError(
-            400,
-            f"model {state.settings.model_id!r} has no chat template: start hotlora serve with "
-            "--chat-template FILE (a jinja template), or use /v1/completions",
-            "messages",
-        )
-    plain = [
-        {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-        for m in messages
-    ]
-    try:
-        return await asyncio.to_thread(template.render, plain, generation_prompt)
-    except RequestError as e:
-        raise APIError(400, str(e), "messages") from e
 
 
 async def _prompt_ids(state: AppState, body: ChatCompletionRequest) -> list[int]:
@@ -57,7 +35,7 @@ async def _prompt_ids(state: AppState, body: ChatCompletionRequest) -> list[int]
     added (as apply_chat_template(tokenize=True) and vLLM do)."""
     text = await render_chat(state, body.messages, body.add_generation_prompt)
     try:
-        return state.engine.tokenizer.encode(text, add_special_tokens=False)
+        return state.inputs.tokenizer.encode(text, add_special_tokens=False)
     except RequestError as e:
         raise APIError(400, str(e), "messages") from e
 
@@ -77,9 +55,9 @@ async def chat_completions(
     ids, params = prepare(
         state, body, await _prompt_ids(state, body), max_tokens, logprobs=k, field="messages"
     )
-    rows = submit(state, version, [ids], [params], body.n, request_id)
+    rows = submit(state, version, [ids], [params], body.n, request_id, body.stream)
     created = int(time.time())
-    tok = state.engine.tokenizer
+    tok = state.inputs.tokenizer
     if body.stream:
         return await _stream(state, body, rows, request, request_id, created)
     results = await collect(state, rows, request)
@@ -114,11 +92,14 @@ async def _stream(
     created: int,
 ) -> object:
     started: set[int] = set()
-    tok = state.engine.tokenizer
+    tok = state.inputs.tokenizer
 
     def chunk(choice: ChatChunkChoice) -> dict[str, object]:
         c = ChatCompletionChunk(id=request_id, created=created, model=body.model, choices=[choice])
-        return c.model_dump(exclude={"usage"}, exclude_none=False)
+        out = c.model_dump(exclude={"usage"})
+        # OpenAI's deltas carry only what changed: the last one is {}
+        out["choices"][0]["delta"] = choice.delta.model_dump(exclude_none=True)
+        return out
 
     def render(row: Row, out: StepOutput) -> list[dict[str, object]]:
         chunks = []

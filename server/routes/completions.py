@@ -51,7 +51,7 @@ def _prompts(body: CompletionRequest) -> list[str | list[int]]:
 def _echo_text(state: AppState, prompt: str | list[int]) -> str:
     if isinstance(prompt, str):
         return prompt
-    return state.engine.tokenizer.decode(prompt, skip_special_tokens=False)
+    return state.inputs.tokenizer.decode(prompt, skip_special_tokens=False)
 
 
 @router.post("/v1/completions", dependencies=[ApiKeyDep], response_model=CompletionResponse)
@@ -67,7 +67,7 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         prompt_ids, p = prepare(state, body, prompt, body.max_tokens, body.logprobs, prompt_lp)
         ids.append(prompt_ids)
         params.append(p)
-    rows = submit(state, version, ids, params, body.n, request_id)
+    rows = submit(state, version, ids, params, body.n, request_id, body.stream)
     created = int(time.time())
     echoes = [_echo_text(state, prompts[r.index // body.n]) if body.echo else "" for r in rows]
     if body.stream:
@@ -92,7 +92,7 @@ def _choice(
 ) -> CompletionChoice:
     logprobs = None
     if body.logprobs is not None:
-        builder = CompletionLogprobsBuilder(state.engine.tokenizer)
+        builder = CompletionLogprobsBuilder(state.inputs.tokenizer)
         parts = []
         if body.echo and res.prompt_logprobs is not None:
             parts.append(builder.build(row.prompt_ids, res.prompt_logprobs))
@@ -125,13 +125,16 @@ async def _stream(
     request_id: str,
     created: int,
 ) -> object:
-    builders = {r.index: CompletionLogprobsBuilder(state.engine.tokenizer) for r in rows}
+    builders = {r.index: CompletionLogprobsBuilder(state.inputs.tokenizer) for r in rows}
     started: set[int] = set()
 
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": body.model}
+
     def chunk(index: int, text: str, reason: str | None, lp: CompletionLogprobs | None) -> dict:
-        c = CompletionChoice(index=index, text=text, finish_reason=reason, logprobs=lp)
-        resp = CompletionResponse(id=request_id, created=created, model=body.model, choices=[c])
-        return resp.model_dump(exclude={"usage"})
+        # CompletionResponse's fields, built directly: this runs once per streamed token
+        logprobs = None if lp is None else lp.model_dump()
+        choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+        return {**head, "choices": [choice]}
 
     def render(row: Row, out: StepOutput) -> list[dict[str, object]]:
         chunks = []

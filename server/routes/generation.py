@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from fastapi import Request
@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from adapters.store import AdapterVersion
 from server.engine import RequestError, SamplingParams, StepOutput
-from server.engine.loop import AdapterGone, QueueFull, Stream
+from server.engine.client import AdapterGone, EngineUnavailable, QueueFull, Stream
 from server.engine.outputs import TokenLogprob
 from server.errors import APIError, error_body
 from server.openai_schemas import SamplingFields, Usage
@@ -75,16 +75,18 @@ def prepare(
 
     max_tokens None means whatever the context has left after the prompt.
     """
-    probe = sampling_params(body, body.min_tokens if max_tokens is None else max_tokens)
+    params = sampling_params(
+        body, body.min_tokens if max_tokens is None else max_tokens, logprobs, prompt_logprobs
+    )
     try:
-        ids = state.engine.check_request(prompt, probe)
+        ids = state.inputs.check_request(prompt, params)
     except RequestError as e:
         msg = str(e)
-        param = "logit_bias" if "vocabulary" in msg else field
-        raise APIError(400, msg, "max_tokens" if "max_tokens" in msg else param) from e
+        param = "max_tokens" if "+ max_tokens" in msg else _param(msg, field)
+        raise APIError(400, msg, param) from e
     if max_tokens is None:
-        max_tokens = state.engine.max_seq_len - len(ids)
-    return ids, sampling_params(body, max_tokens, logprobs, prompt_logprobs)
+        params = replace(params, max_tokens=state.inputs.max_seq_len - len(ids))
+    return ids, params
 
 
 @dataclass
@@ -103,9 +105,11 @@ def submit(
     params: list[SamplingParams],
     n: int,
     request_id: str,
+    stream: bool = False,
 ) -> list[Row]:
     """Queue n choices per prompt (choice index = prompt * n + j; choice j seeded seed + j),
-    all or none: 429 when the queue cannot take them."""
+    all or none: 429 when the queue cannot take them. Streamed, every row's outputs go to one
+    queue, in the order they are made (choices interleave, as OpenAI's do)."""
     bound = state.settings.max_queue
     if 0 < bound < len(prompts) * n:  # (with no queue at all, every request is a 429)
         raise APIError(
@@ -115,17 +119,20 @@ def submit(
             "n",
         )
     rows: list[Row] = []
+    shared: asyncio.Queue[StepOutput | BaseException] | None = asyncio.Queue() if stream else None
     try:
         for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
             for j in range(n):
                 seeded = p if p.seed is None or j == 0 else _reseed(p, p.seed + j)
                 index = i * n + j
-                stream = state.loop.submit(ids, version, seeded, f"{request_id}-{index}")
-                rows.append(Row(index, ids, stream))
-    except QueueFull as e:
+                rid = f"{request_id}-{index}"
+                rows.append(Row(index, ids, state.client.submit(ids, version, seeded, rid, shared)))
+    except (QueueFull, EngineUnavailable) as e:
         for r in rows:
-            state.loop.abort(r.stream.request_id)
+            state.client.abort(r.stream.request_id)
         state.metrics.requests.labels("rejected").inc()
+        if isinstance(e, EngineUnavailable):
+            raise APIError(503, f"{e}; retry later", headers={"Retry-After": "1"}) from e
         raise APIError(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"}) from e
     return rows
 
@@ -170,17 +177,12 @@ async def _watch_disconnect(request: Request, stream: Stream) -> None:
     stream.queue.put_nowait(_ClientGone())  # type: ignore[arg-type]
 
 
-async def outputs(
-    state: AppState, stream: Stream, request: Request, watch: bool
-) -> AsyncGenerator[StepOutput, None]:
-    """The request's outputs in order; aborts it if the client disconnects or we stop early.
-
-    A streaming response notices a disconnect itself (it cancels us); a plain response has a
-    watcher task listen for it, so waiting for tokens stays a bare queue read.
-    """
+async def _outputs(state: AppState, stream: Stream, request: Request) -> AsyncIterator[StepOutput]:
+    """A non-streamed request's outputs in order; aborts it if the client disconnects (a
+    watcher task listens for that, so waiting for tokens stays a bare queue read)."""
     tracker = _Tracker(state, stream)
     finished = False
-    watcher = asyncio.create_task(_watch_disconnect(request, stream)) if watch else None
+    watcher = asyncio.create_task(_watch_disconnect(request, stream))
     try:
         while True:
             item = await stream.queue.get()
@@ -196,10 +198,9 @@ async def outputs(
                 finished = True
                 return
     finally:
-        if watcher is not None:
-            watcher.cancel()
+        watcher.cancel()
         if not finished:
-            state.loop.abort(stream.request_id)
+            state.client.abort(stream.request_id)
 
 
 def failed(e: Exception) -> APIError:
@@ -225,7 +226,7 @@ async def collect(state: AppState, rows: list[Row], request: Request) -> list[Re
     for row in rows:
         r = Result()
         try:
-            async for out in outputs(state, row.stream, request, watch=True):
+            async for out in _outputs(state, row.stream, request):
                 r.text += out.new_text
                 r.token_ids += out.new_token_ids
                 r.logprobs += out.logprobs
@@ -234,7 +235,7 @@ async def collect(state: AppState, rows: list[Row], request: Request) -> list[Re
                 r.finish_reason = out.finish_reason
         except Exception as e:
             for other in rows:
-                state.loop.abort(other.stream.request_id)
+                state.client.abort(other.stream.request_id)
             raise failed(e) from e
         results.append(r)
     return results
@@ -262,40 +263,80 @@ async def stream_response(
     render: Render,
     usage_chunk: Callable[[Usage], dict[str, object]] | None,
 ) -> StreamingResponse:
-    """Server-sent events: every row's chunks in order, then usage (if asked) and [DONE].
+    """Server-sent events: the rows' chunks as they come (`submit(stream=True)` gave them one
+    queue), then usage (if asked) and [DONE]. Until the first output arrives, failures still
+    get a proper status code; whatever ends the stream early aborts every unfinished row."""
+    queue = rows[0].stream.queue
+    by_id = {r.stream.request_id: r for r in rows}
+    trackers = {rid: _Tracker(state, r.stream) for rid, r in by_id.items()}
+    unfinished = set(by_id)
 
-    Until the first output arrives, failures still get a proper status code.
-    """
-    gens = [outputs(state, r.stream, request, watch=False) for r in rows]
-    try:
-        first = await anext(gens[0])
-    except Exception as e:
-        for r in rows:
-            state.loop.abort(r.stream.request_id)
-        raise failed(e) from e
+    def abort_unfinished() -> None:
+        for rid in unfinished:
+            state.client.abort(rid)
+        unfinished.clear()
+
+    first = await queue.get()
+    if isinstance(first, BaseException):
+        state.metrics.requests.labels("error").inc()
+        abort_unfinished()
+        raise failed(first) from first  # type: ignore[arg-type]
 
     async def events() -> AsyncIterator[str]:
-        completion_tokens = 0
-
-        async def items() -> AsyncIterator[tuple[Row, StepOutput]]:
-            yield rows[0], first
-            for row, gen in zip(rows, gens, strict=True):
-                async for out in gen:
-                    yield row, out
-
+        completion_tokens, errored = 0, False
+        item: StepOutput | BaseException = first
         try:
-            async for row, out in items():
-                completion_tokens += len(out.new_token_ids)
-                for chunk in render(row, out):
-                    yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+            while unfinished:
+                for out in _coalesce(item, queue):
+                    if isinstance(out, BaseException):
+                        state.metrics.requests.labels("error").inc()
+                        raise out
+                    trackers[out.request_id].see(out)
+                    completion_tokens += len(out.new_token_ids)
+                    for chunk in render(by_id[out.request_id], out):
+                        yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                    if out.finished:
+                        unfinished.discard(out.request_id)
+                if unfinished:
+                    item = await queue.get()
         except Exception as e:  # mid-stream: an error event, then [DONE]
+            errored = True
             err = failed(e)
             yield f"data: {json.dumps(error_body(err.status, err.message, err.param))}\n\n"
-        finally:
-            for gen in gens:
-                await gen.aclose()  # aborts whatever has not finished
+        finally:  # the client went away (we are closed), or an error: free every row
+            if unfinished and not errored:
+                state.metrics.requests.labels("abort").inc(len(unfinished))
+            abort_unfinished()
         if usage_chunk is not None:
             yield f"data: {json.dumps(usage_chunk(usage(rows, n, completion_tokens)))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _coalesce(
+    first: StepOutput | BaseException, queue: asyncio.Queue[StepOutput | BaseException]
+) -> list[StepOutput | BaseException]:
+    """`first` and whatever else is already queued, each row's outputs merged into one (in
+    order of first appearance): a stream that fell behind catches up in one chunk per row
+    instead of one per token. An error ends the list."""
+    merged: dict[str, StepOutput] = {}
+    item: StepOutput | BaseException | None = first
+    while item is not None:
+        if isinstance(item, BaseException):
+            return [*merged.values(), item]
+        prev = merged.get(item.request_id)
+        merged[item.request_id] = item if prev is None else _merge(prev, item)
+        item = None if queue.empty() else queue.get_nowait()
+    return list(merged.values())
+
+
+def _merge(a: StepOutput, b: StepOutput) -> StepOutput:
+    return StepOutput(
+        a.request_id,
+        a.new_token_ids + b.new_token_ids,
+        a.new_text + b.new_text,
+        b.finish_reason,
+        a.logprobs + b.logprobs,
+        a.prompt_logprobs,
+    )

@@ -18,11 +18,12 @@ async def health() -> dict[str, str]:
 
 @router.get("/ready")
 async def ready(state: StateDep) -> dict[str, str]:
-    if not state.loop.running:
-        raise APIError(503, "the engine loop is not running")
+    if not state.client.running:
+        raise APIError(503, "the engine is not running")
     return {"status": "ready", "model": state.settings.model_id}
 
 
 @router.get("/metrics")
 async def metrics(state: StateDep) -> Response:
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    text = state.metrics.render() + await state.client.core_metrics()
+    return Response(text, media_type=CONTENT_TYPE_LATEST)

@@ -11,7 +11,7 @@ from server.openai_schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogp
 
 
 def token_text(tok: TextTokenizer, token_id: int) -> str:
-    return tok.decode([token_id], skip_special_tokens=False)
+    return tok.token_text(token_id)
 
 
 class CompletionLogprobsBuilder:

@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from server.deps import ApiKeyDep, StateDep
 from server.engine import RequestError
 from server.errors import APIError
-from server.routes.chat import render_chat
+from server.routes.templating import render_chat
 from server.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
@@ -28,7 +28,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
         raise APIError(400, "give exactly one of prompt and messages", "prompt")
     if body.model is not None:
         state.resolve_model(body.model)
-    tok = state.engine.tokenizer
+    tok = state.inputs.tokenizer
     special = body.add_special_tokens
     if body.messages is not None:
         text = await render_chat(state, body.messages, body.add_generation_prompt)
@@ -42,7 +42,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
         raise APIError(400, str(e), "prompt" if body.messages is None else "messages") from e
     strs = [tok.raw.id_to_token(i) for i in ids] if body.return_token_strs else None
     return TokenizeResponse(
-        count=len(ids), max_model_len=state.engine.max_seq_len, tokens=ids, token_strs=strs
+        count=len(ids), max_model_len=state.inputs.max_seq_len, tokens=ids, token_strs=strs
     )
 
 
@@ -50,7 +50,7 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
 async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResponse:
     if body.model is not None:
         state.resolve_model(body.model)
-    tok = state.engine.tokenizer
+    tok = state.inputs.tokenizer
     bad = [i for i in body.tokens if not 0 <= i < tok.vocab_size]
     if bad:
         raise APIError(
@@ -62,14 +62,17 @@ async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResp
 
 @router.get("/tokenizer_info", dependencies=[ApiKeyDep], response_model=TokenizerInfo)
 async def tokenizer_info(state: StateDep) -> TokenizerInfo:
-    tok = state.engine.tokenizer
+    tok = state.inputs.tokenizer
 
     def name(i: int | None) -> str | None:
         return None if i is None else tok.raw.id_to_token(i)
 
-    eos = min(state.engine.eos_token_ids, default=None)  # the first of them, by id
+    eos = min(state.inputs.eos_token_ids, default=None)  # the first of them, by id
+    bos = (
+        tok.bos_token_id if tok.bos_token_id is not None else state.inputs.model_config.bos_token_id
+    )
     return TokenizerInfo(
-        bos_token=name(tok.bos_token_id),
+        bos_token=name(bos),
         eos_token=name(eos),
-        model_max_length=state.engine.max_seq_len,
+        model_max_length=state.inputs.max_seq_len,
     )

@@ -253,3 +253,24 @@ def test_token_ids_outside_the_vocabulary_are_refused(
         with pytest.raises(RequestError, match="vocabulary"):
             engine.generate(["abc"], params=params)
     assert not engine.has_unfinished()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        SamplingParams(max_tokens=6, temperature=1.0, repetition_penalty=1e-40, seed=1),
+        SamplingParams(max_tokens=6, temperature=1e-45, seed=1),
+        SamplingParams(max_tokens=6, temperature=1.0, min_tokens=3, stop_token_ids=range(257)),
+        SamplingParams(max_tokens=6, temperature=0.0, min_tokens=3, stop_token_ids=range(257)),
+    ],
+)
+def test_an_extreme_row_never_fails_the_batch(
+    models: tuple[Engine, Any, dict[str, Any]], bad: SamplingParams
+) -> None:
+    engine = models[0]
+    prompts = random_prompts(3, seed=9)
+    good = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = engine.generate(prompts, ["a", "b", None], [good, bad, good])
+    assert outs[1].finish_reason in ("stop", "length")
+    for i, a in ((0, "a"), (2, None)):
+        assert outs[i].token_ids == engine.generate([prompts[i]], [a], good)[0].token_ids

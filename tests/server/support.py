@@ -8,6 +8,8 @@ byte) with the demo adapters seeded into a fresh store, so greedy outputs are kn
 from __future__ import annotations
 
 import json
+import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -15,13 +17,16 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Protocol
 
+import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
 from server.config import Settings
+from server.engine import Engine
 from server.main import create_app
+from server.state import AppState
 
 DEMO = "hotlora-demo"
 DEMO_NAMES = ("pirate", "reverse", "sort", "upper", "upper-deu")
@@ -217,3 +222,45 @@ def upload(
         files["weights"] = ("adapter_model.safetensors", weights, "application/octet-stream")
     data = {} if name is None else {"name": name}
     return client.post("/v1/adapters", data=data, files=files, headers=headers)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 (a thread of this process) for the `with` block."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.url = f"http://127.0.0.1:{settings.port}"
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    @property
+    def state(self) -> AppState:
+        state: AppState = self.app.state.hotlora
+        return state
+
+    @property
+    def engine(self) -> Engine:
+        core = self.state.client.core
+        assert core is not None, "the engine runs in its own process"
+        return core.engine

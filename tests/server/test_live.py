@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,56 +10,28 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
 from server.config import Settings
 from server.engine import Engine, EngineConfig, SamplingParams
-from server.main import create_app
-from server.state import AppState
+from tests.server.support import LiveServer, free_port
 
 openai = pytest.importorskip("openai")
 MODEL = "hotlora-demo"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LiveServer:
-    def __init__(self, settings: Settings) -> None:
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=settings.port, log_level="warning")
-        )
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.url = f"http://127.0.0.1:{settings.port}"
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("server did not start")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    @property
-    def state(self) -> AppState:
-        state: AppState = self.app.state.hotlora
-        return state
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
     store = tmp_path_factory.mktemp("store")
-    settings = Settings(adapter_store=store, port=_free_port(), admin_key="admin", max_running=16)
+    # The engine on a thread of this process: the tests below slow its steps down in place
+    # (tests/server/test_engine_process.py covers the engine in its own process).
+    settings = Settings(
+        adapter_store=store,
+        port=free_port(),
+        admin_key="admin",
+        max_running=16,
+        engine_process=False,
+    )
     with LiveServer(settings) as srv:
         yield srv
 
@@ -150,7 +120,7 @@ def test_concurrent_requests_over_many_adapters_equal_solo_greedy(
 
 def _slow_steps(live: LiveServer, seconds: float) -> Any:
     """Make each engine step take a while, so a stream is surely running during an admin call."""
-    engine = live.state.engine
+    engine = live.engine
     real = engine.step
 
     def slow() -> Any:
@@ -186,7 +156,7 @@ def test_hot_swap_and_delete_while_a_stream_runs(live: LiveServer, client: Any) 
         got = next(it).choices[0].text
         v2 = _upload(live, "swap", DEMO_ADAPTERS / "upper")
         assert v2["version"] == 2
-        assert live.state.engine.num_running >= 1  # the old stream is still decoding
+        assert live.engine.num_running >= 1  # the old stream is still decoding
         fresh = swap(stream=False)
         assert fresh.choices[0].text == new_text  # new requests get the new version at once
         # Delete while another request on the new version runs: it finishes, new ones 404.
@@ -201,10 +171,10 @@ def test_hot_swap_and_delete_while_a_stream_runs(live: LiveServer, client: Any) 
         rest = first + "".join(c.choices[0].text for c in rit)
         assert rest == new_text
     finally:
-        live.state.engine.step = real  # type: ignore[method-assign]
+        live.engine.step = real  # type: ignore[method-assign]
     deadline = time.monotonic() + 10
-    while live.state.engine.adapters and any(
-        a.startswith("swap@") for a in live.state.engine.adapters
+    while live.engine.adapters and any(
+        a.startswith("swap@") for a in live.engine.adapters
     ):
         assert time.monotonic() < deadline, "retired versions must leave their slots"
         time.sleep(0.05)
@@ -229,10 +199,10 @@ def test_a_client_that_disconnects_frees_its_row(live: LiveServer, stream: bool)
             else:
                 with pytest.raises(httpx.ReadTimeout):
                     c.post("/v1/completions", json=body)
-        assert live.state.engine.num_running == 1  # still decoding when the client left
+        assert live.engine.num_running == 1  # still decoding when the client left
         deadline = time.monotonic() + 1.5  # far less than the remaining ~1.5-2 s of decoding
-        while live.state.engine.num_running:
+        while live.engine.num_running:
             assert time.monotonic() < deadline, "the abandoned request kept its row"
             time.sleep(0.02)
     finally:
-        live.state.engine.step = real  # type: ignore[method-assign]
+        live.engine.step = real  # type: ignore[method-assign]

@@ -9,16 +9,12 @@ token-id prompts, the generation task greedy decoding with stop strings. Every n
 from __future__ import annotations
 
 import os
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import uvicorn
 
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL
 from server.engine import Engine, EngineConfig
@@ -38,35 +34,15 @@ MODELS = ["reverse", DEMO]  # the adapter, and the base model by its id
 LIMIT = 20  # items per task (the files hold 40): 100 loglikelihood + 20 generation requests
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A live server on the demo model with the demo adapters (`reverse` among them)."""
-    from server.main import create_app  # here: the offline tests do not need the server
-    from tests.server.support import make_settings
+    from tests.server.support import LiveServer, free_port, make_settings
 
-    port = _free_port()
+    port = free_port()
     settings = make_settings(tmp_path_factory.mktemp("lm_eval"), host="127.0.0.1", port=port)
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 60
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("server did not start")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with LiveServer(settings) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module")

@@ -84,7 +84,7 @@ def test_special_tokens_follow_the_flag_for_a_llama_tokenizer(tmp_path: Path) ->
 
 def test_tokenizer_info_names_the_special_tokens(client: TestClient) -> None:
     info = client.get("/tokenizer_info").json()
-    assert info["eos_token"] == "<|endoftext|>" and info["bos_token"] is None
+    assert info["eos_token"] == info["bos_token"] == "<|endoftext|>"  # config.json: 256, 256
     assert info["model_max_length"] == 128
     eos = client.post("/tokenize", json={"prompt": info["eos_token"]}).json()["tokens"]
     assert eos == [256]

@@ -1,21 +1,17 @@
-"""EngineLoop bookkeeping between steps, driven directly (no HTTP, no thread)."""
+"""EngineCore bookkeeping between steps, driven directly (no HTTP, no thread)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from adapters.cache import ByteLRU
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
-from adapters.store import AdapterStore
 from server.engine import Engine, EngineConfig, SamplingParams
-from server.engine.loop import EngineLoop, LoopConfig
-from server.metrics import Metrics
+from server.engine.core import EngineCore, LoopConfig
+from server.metrics import CoreMetrics
 
 
-def test_merge_policy_skips_a_retired_version_that_still_has_rows(tmp_path: Path) -> None:
+def test_merge_policy_skips_a_retired_version_that_still_has_rows() -> None:
     engine = Engine.from_pretrained(DEMO_MODEL, EngineConfig(max_batch=8, max_adapters=2))
-    store = AdapterStore(tmp_path, engine.base_shapes, max_rank=16)
-    loop = EngineLoop(engine, store, ByteLRU(1 << 30), LoopConfig(8, True, 0.5, 2), Metrics(2))
+    loop = EngineCore(engine, ByteLRU(1 << 30), LoopConfig(True, 0.5, 2), CoreMetrics(2))
     engine.add_adapter("hot@1", DEMO_ADAPTERS / "upper")
     params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
     for w in ("abc", "defg", "hij"):
