@@ -4,8 +4,9 @@ For every C (concurrency) and N (adapters) it runs, one after the other on the s
   offline: `Engine` driven through its step API, a closed loop of C rows (a finished request is
            replaced by the next at once), requests drawn exactly as bench_serving draws them;
   served:  `hotlora serve` (a subprocess) and C closed-loop HTTP clients, streamed (SSE) and not.
-It prints output tok/s for each and served / offline. Nothing else runs in between; on a 2-core
-machine the load generator's CPU is capacity the server does not get (printed alongside).
+It prints output tok/s for each and served / offline (medians of --repeat runs). Nothing else
+runs in between; on a 2-core machine the load generator's CPU is capacity the server does not
+get (printed alongside).
 
     python load_tests/bench_overhead.py                       # C = 8, 32; N = 1, 32
     python load_tests/bench_overhead.py -C 32 -N 1 --num-requests 400
@@ -119,6 +120,10 @@ def offline_run(
     )
 
 
+def _median(runs: list[Offline]) -> Offline:
+    return sorted(runs, key=lambda r: r.tok_s)[len(runs) // 2]
+
+
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and its children (the server's engine process)."""
     children: list[str] = []
@@ -146,7 +151,7 @@ def served(
         specs = _specs(args, names, base_id)
         warm = [bs.RequestSpec(-1 - i, 0.0, m, specs[0].prompt_ids, 2) for i, m in enumerate(names)]
         asyncio.run(bs.run_load(server.url, warm, concurrency=c, progress=False))
-        for stream in (True, False):
+        for stream in [True, False] * args.repeat:
             before = bs.server_metrics(server.url)
             cpu0 = bs.cpu_seconds(None), tree_cpu_seconds(server.pid)
             results, _ = asyncio.run(
@@ -199,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-len", type=common.parse_range, default=(16, 64))
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=3, help="runs per figure (the median is kept)")
     ap.add_argument("--json", type=Path, help="write the rows here")
     ap.add_argument("--smoke", action="store_true", help="C=4, N=2, 16 short requests")
     return ap
@@ -207,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.smoke:
-        args.concurrency, args.num_adapters, args.num_requests = "4", "2", 16
+        args.concurrency, args.num_adapters, args.num_requests, args.repeat = "4", "2", 16, 1
         args.prompt_len, args.output_len = (4, 8), (4, 8)
     cs = [int(x) for x in args.concurrency.split(",")]
     ns = [int(x) for x in args.num_adapters.split(",")]
@@ -217,10 +223,14 @@ def main(argv: list[str] | None = None) -> int:
         for c in cs:
             for n in ns:
                 slots = max(16, n)  # the server's default, or every adapter resident
-                off = offline_run(args, factory, c, n, slots)
-                for stream, tok_s, ccpu, scpu, err, batch, pre in served(
-                    args, factory, c, n, slots
-                ):
+                # repeats, then medians: a shared 2-core machine varies by +-15% run to run
+                off = _median([offline_run(args, factory, c, n, slots) for _ in range(args.repeat)])
+                runs = served(args, factory, c, n, slots)
+                for stream in (True, False):
+                    mine = [r for r in runs if r[0] == stream]
+                    _, tok_s, ccpu, scpu, err, batch, pre = sorted(mine, key=lambda r: r[1])[
+                        len(mine) // 2
+                    ]
                     rows.append(
                         Row(
                             c,

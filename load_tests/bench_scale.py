@@ -13,13 +13,24 @@ Parts (each a function below; --only picks some):
   rss        the server's RSS with the N-adapter store minus with the empty one;
   cold       in-process, the offline Engine + AdapterStore on a GPT-2-small-shaped random base:
              store.load (read + validate) -> CPU cache -> engine.load_adapter (slot copy) of
-             rank-16 adapters, p50/p99 per phase and which dominates, with a short profile.
-Not yet measured (they need the new serving path; the functions are there to fill in):
-  throughput_power_law (S-LoRA alpha in {1, 0.5, 0.1} over N adapters vs one), hot_swap_latency.
+             rank-16 adapters, p50/p99 per phase and which dominates, with a short profile;
+  throughput `hotlora serve` on the N-adapter store with its default slots and CPU cache: one
+             seeded closed loop (--concurrency streamed clients, prompts 8-48 and outputs 16-64
+             tokens, ignore_eos, greedy) sent to one adapter, then over all N with S-LoRA's
+             power-law popularity for each alpha of --alphas (1 = uniform); output tok/s, the
+             ratio to the one-adapter run, TTFT p99, adapter loads and evictions (/metrics);
+             a fresh server per run (--smoke: one for all), and for reference the one-adapter
+             run again with HOTLORA_MERGE_HOT_ADAPTERS=false (by default the server serves a
+             dominant adapter from merged weights, which N = 1 always is);
+  hotswap    on a server on the N-adapter store: uploads of a new version under one name,
+             alternating the demo adapters reverse and upper, each followed at once by a
+             streamed greedy completion of that name: 201 -> first token (p50/p99), the text
+             checked to be the new version's, and the TTFT of the same request once resident.
 
     python load_tests/bench_scale.py                 # N = 10,000, every part (a few minutes)
     python load_tests/bench_scale.py --smoke         # CI: tiny sizes, < 30 s
     python load_tests/bench_scale.py --only cold --cold-loads 200
+    python load_tests/bench_scale.py --only throughput,hotswap
 """
 
 from __future__ import annotations
@@ -44,11 +55,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_serving as bs  # noqa: E402
 import common  # noqa: E402
 
 DEMO_ADAPTER = common.REPO / "adapters" / "demo" / "adapters" / "reverse"
-PARTS = ("store", "startup", "listing", "upload", "rss", "cold")
-NOT_MEASURED = "needs the new serving path"
+PARTS = ("store", "startup", "listing", "upload", "rss", "cold", "throughput", "hotswap")
 
 
 @dataclass
@@ -164,7 +175,7 @@ def launch(model_dir: Path, store: Path, max_rank: int, **kw: Any) -> tuple[Any,
         model_dir,
         store=store,
         extra_args=["--max-rank", str(max_rank)],
-        env={"HOTLORA_SEED_DEMO_ADAPTERS": "false"},
+        env={"HOTLORA_SEED_DEMO_ADAPTERS": "false", **kw.pop("env", {})},
         **kw,
     )
     t0 = time.perf_counter()
@@ -345,19 +356,189 @@ def cold_load(work: Path, base_kind: str, rank: int, loads: int, distinct: int) 
     return head + rows
 
 
-# ---------------------------------------------------------------------------- not yet measured
+# ---------------------------------------------------------------------------- served
 
 
-def throughput_power_law(args: argparse.Namespace) -> list[Row]:
-    """Output tok/s under S-LoRA's power-law popularity (alpha 1, 0.5, 0.1) over N adapters,
-    against the single-adapter run, with the default slot count (target >= 80%)."""
-    return [Row(f"throughput alpha={a} / N=1", None, "", ">= 80%", None, NOT_MEASURED)
-            for a in (1, 0.5, 0.1)]
+SWAP_FILES = (DEMO_ADAPTER, common.REPO / "adapters" / "demo" / "adapters" / "upper")
 
 
-def hot_swap_latency(args: argparse.Namespace) -> list[Row]:
-    """Time from an upload's 201 to the first token of the new version (target <= 50 ms)."""
-    return [Row("hot swap: 201 -> first token", None, "ms", "<= 50 ms", None, NOT_MEASURED)]
+def _counters(url: str) -> dict[str, float]:
+    """bench_serving's counters and the evictions by tier (device | cpu)."""
+    import httpx
+
+    out = bs.server_metrics(url)
+    if out:
+        m = common.parse_metrics(httpx.get(f"{url}/metrics", timeout=10).text)
+        out.update({k: v for k, v in m.items() if k.startswith("hotlora_adapter_evictions_total{")})
+    return out
+
+
+def _by_tier(delta: dict[str, float], name: str) -> dict[str, int]:
+    """A counter's increase summed by its tier label: {"disk": 12, "cpu": 3, ...}."""
+    tiers: dict[str, int] = {}
+    for k, v in delta.items():
+        if k.startswith(name + "{") and 'tier="' in k:
+            tier = k.split('tier="', 1)[1].split('"', 1)[0]
+            tiers[tier] = tiers.get(tier, 0) + round(v)
+    return tiers
+
+
+def _tiers(tiers: dict[str, int]) -> str:
+    """'12 (disk 9, cpu 3)': the total and the tiers that counted any."""
+    parts = [f"{k} {v:,}" for k, v in sorted(tiers.items()) if v]
+    return f"{sum(tiers.values()):,}" + (f" ({', '.join(parts)})" if parts else "")
+
+
+UNMERGED = "N=1, merging off"
+
+
+def throughput_power_law(
+    args: argparse.Namespace, store: Path, url: str | None = None
+) -> list[Row]:
+    """Output tok/s of one seeded closed-loop workload (--concurrency streamed clients, prompts
+    8-48, outputs 16-64 tokens, ignore_eos, greedy) sent once to one adapter and then over all
+    N adapters of `store` with S-LoRA's power-law popularity, alpha in --alphas (1 = uniform);
+    the server keeps its default slot count and CPU cache. Each run gets a fresh server (cold
+    caches, nothing left from the previous run) unless `url` is given (smoke: one server)."""
+    import asyncio
+
+    import httpx
+
+    n = args.num_adapters
+    names = [adapter_name(i) for i in range(n)]
+    alphabet = bs.prompt_alphabet(args.model_dir)
+    runs: list[tuple[str, list[str], float]] = [("N=1", names[:1], 1.0)]
+    if url is None:  # for reference: one adapter as LoRA rows, as the N-adapter runs serve it
+        runs.append((UNMERGED, names[:1], 1.0))
+    runs += [(f"N={n:,} alpha={a:g}", names, a) for a in args.alphas]
+    results: dict[str, dict[str, Any]] = {}
+    for label, adapters, alpha in runs:
+        server = None
+        if url is None:
+            env = {"HOTLORA_MERGE_HOT_ADAPTERS": "false"} if label == UNMERGED else {}
+            server, _ = launch(args.model_dir, store, args.max_rank, env=env)
+        target = url or server.url  # type: ignore[union-attr]
+        try:
+            with httpx.Client() as client:
+                base_id = common.base_model_id(client, target)
+            common_kw: dict[str, Any] = dict(
+                base_id=base_id, base_share=0.0, prompt_len=(8, 48), rate=None, alphabet=alphabet
+            )
+            # Warm-up (untimed): one wave of short requests to the base and one to the first
+            # adapter, so the first timed steps pay no first-call costs; no other adapter loads.
+            warm = bs.build_requests(n=args.concurrency, adapters=[], alpha=1.0,
+                                     output_len=(2, 4), seed=1, **common_kw)
+            warm.append(bs.RequestSpec(len(warm), 0.0, adapters[0], warm[0].prompt_ids, 2))
+            asyncio.run(bs.run_load(target, warm, concurrency=args.concurrency, progress=False))
+            specs = bs.build_requests(n=args.throughput_requests, adapters=adapters, alpha=alpha,
+                                      output_len=(16, 64), seed=args.seed, **common_kw)
+            before = _counters(target)
+            res, _ = asyncio.run(bs.run_load(target, specs, concurrency=args.concurrency,
+                                             temperature=0.0, label=f"{label} ",
+                                             progress=not args.smoke))
+            summary = bs.summarize_run(res)
+            delta = bs.metrics_delta(before, _counters(target))
+        finally:
+            if server is not None:
+                server.cleanup()
+        if summary["errors"]:
+            raise RuntimeError(f"{label}: {summary['errors']} failed requests: "
+                               f"{summary['first_errors'][:2]}")
+        summary["distinct_adapters"] = len({s.model for s in specs})
+        summary["delta"] = delta
+        results[label] = summary
+        bs.print_summary(label, summary)
+    one = results["N=1"]["output_throughput"]
+    rows = []
+    for label, s in results.items():
+        d = s["delta"]
+        loads, evictions = _by_tier(d, "hotlora_adapter_loads_total"), _by_tier(
+            d, "hotlora_adapter_evictions_total")
+        note = (f"TTFT p99 {s['ttft_ms']['p99']:.0f} ms; decode batch "
+                f"{d.get('mean_decode_batch', math.nan):.1f} rows; adapters used "
+                f"{s['distinct_adapters']:,}, loaded {_tiers(loads)}, evicted "
+                f"{_tiers(evictions)}; merges {d.get('hotlora_adapter_merges_total', 0):.0f}")
+        rows.append(Row(f"output tok/s, {label}", s["output_throughput"], "tok/s", note=note))
+        if label == UNMERGED:
+            rows.append(Row("  merging off / N=1", s["output_throughput"] / one * 100, "%",
+                            note="what merging the one hot adapter gains the N=1 run"))
+        elif label != "N=1":
+            ratio = s["output_throughput"] / one * 100
+            rows.append(Row(f"  {label.split()[-1]} / N=1", ratio, "%", ">= 80%",
+                            ratio >= 80, f"{s['requests']} requests each, concurrency "
+                            f"{args.concurrency}"))
+    return rows
+
+
+def _stream(client: Any, url: str, model: str, prompt: str, t0: float) -> tuple[float, str]:
+    """A greedy streamed completion: (seconds from t0 to its first token, its whole text)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0.0,
+            "stream": True}
+    first, text = None, []
+    with client.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"{model}: HTTP {r.status_code} {r.read()[:200]!r}")
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            obj = json.loads(line[6:])
+            if "error" in obj:
+                raise RuntimeError(f"{model}: {obj['error']}")
+            if obj.get("choices"):
+                first = first or time.perf_counter() - t0
+                text.append(obj["choices"][0].get("text") or "")
+    if first is None:
+        raise RuntimeError(f"{model}: no token streamed")
+    return first, "".join(text)
+
+
+def hot_swap_latency(args: argparse.Namespace, url: str) -> list[Row]:
+    """POST /v1/adapters of a new version under one name, alternating two demo adapters' files
+    (reverse, upper), and at once a streamed greedy completion of that name: the time from
+    the 201 to its first token, and its text checked to be the new version's; then the same
+    request again (the version now resident) for the plain TTFT."""
+    import httpx
+
+    from adapters.demo_tasks import prompt_for
+
+    prompt, name = prompt_for("hello"), "hotswap"
+    swaps, plain, uploads = [], [], []
+    with httpx.Client() as client:
+        refs = {}
+        for src in SWAP_FILES:  # each file's greedy text, from its own name
+            common.upload_adapter(client, url, f"hotswap-ref-{src.name}", src)
+            refs[src] = _stream(client, url, f"hotswap-ref-{src.name}", prompt,
+                                time.perf_counter())[1]
+        texts = {src.name: text for src, text in refs.items()}
+        if len(set(texts.values())) < len(texts):
+            raise RuntimeError(f"the two adapters answer alike: {texts}")
+        print(f"hot swap: {prompt!r} -> {texts}", flush=True)
+        common.upload_adapter(client, url, name, SWAP_FILES[1])  # v1, made resident
+        _stream(client, url, name, prompt, time.perf_counter())
+        for i in range(args.swaps):
+            src = SWAP_FILES[i % 2]
+            t0 = time.perf_counter()
+            version = common.upload_adapter(client, url, name, src)["version"]
+            t201 = time.perf_counter()
+            first, text = _stream(client, url, name, prompt, t201)
+            if text != refs[src]:
+                raise RuntimeError(f"swap {i} to v{version} ({src.name}): got {text!r}, "
+                                   f"expected {refs[src]!r}")
+            swaps.append(first)
+            uploads.append(t201 - t0)
+            plain.append(_stream(client, url, name, prompt, time.perf_counter())[0])
+        for n in (name, *(f"hotswap-ref-{s.name}" for s in SWAP_FILES)):
+            client.delete(f"{url}/v1/adapters/{n}", timeout=60)
+    p50, p99 = _ms(swaps)
+    plain50, plain99 = _ms(plain)
+    return [
+        Row("hot swap: 201 -> first token (p50)", p50, "ms"),
+        Row("hot swap: 201 -> first token (p99)", p99, "ms", "<= 50 ms", _within(p99, 50),
+            f"{len(swaps)} swaps reverse <-> upper, each answer the new version's "
+            f"({' / '.join(repr(t.strip()) for t in texts.values())}); upload p50 "
+            f"{_ms(uploads)[0]:.1f} ms"),
+        Row("  TTFT, same adapter resident (p50)", plain50, "ms", note=f"p99 {plain99:.1f} ms"),
+    ]
 
 
 # ---------------------------------------------------------------------------- main
@@ -386,6 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cold-base", default="gpt2-small", choices=sorted(common.RANDOM_BASES))
     ap.add_argument("--cold-rank", type=int, default=16)
     ap.add_argument("--cold-loads", type=int, default=100)
+    ap.add_argument("--throughput-requests", type=int, default=1000, help="requests per run")
+    ap.add_argument("--concurrency", type=int, default=32, help="throughput's clients")
+    ap.add_argument("--alphas", type=lambda t: [float(x) for x in t.split(",")],
+                    default=[1.0, 0.5, 0.1], help="popularity exponents (comma-separated)")
+    ap.add_argument("--seed", type=int, default=0, help="throughput's workload")
+    ap.add_argument("--swaps", type=int, default=20, help="hot swaps timed")
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated: {','.join(PARTS)}")
     ap.add_argument("--work-dir", type=Path, default=None,
                     help="where stores and bases go (default: a temporary directory)")
@@ -399,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         args.num_adapters = min(args.num_adapters, 200)
         args.requests, args.uploads, args.page_size, args.startups = 5, 3, 64, 1
         args.cold_base, args.cold_rank, args.cold_loads = "tiny", 8, 10
+        args.throughput_requests, args.swaps = 16, 4
     parts = set(args.only.split(","))
     unknown = parts - set(PARTS)
     if unknown:
@@ -413,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_store_and_server(args, parts, work, n)
         if "cold" in parts:
             rows += cold_load(work, args.cold_base, args.cold_rank, args.cold_loads, distinct=8)
-        rows += throughput_power_law(args) + hot_swap_latency(args)
+        rows += run_served(args, parts, work, n)
     finally:
         tmp.cleanup()
     print()
@@ -423,6 +611,41 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def ensure_store(args: argparse.Namespace, work: Path, n: int) -> Path:
+    """work/store-full: built (afresh) by the first part that needs it in this run."""
+    full_store = work / "store-full"
+    if not getattr(args, "store_built", False):
+        if full_store.exists():
+            shutil.rmtree(full_store)
+        secs = build_store(full_store, args.model_dir, n, args.adapter, args.max_rank)
+        print(f"built a store of {n:,} adapters in {secs:.1f} s", flush=True)
+        args.store_built = True
+    return full_store
+
+
+def run_served(args: argparse.Namespace, parts: set[str], work: Path, n: int) -> list[Row]:
+    """throughput (a server per run) and hotswap (its own server), both on the N-adapter
+    store; --smoke: one server for both."""
+    if not parts & {"throughput", "hotswap"}:
+        return []
+    store = ensure_store(args, work, n)
+    rows: list[Row] = []
+    server = None
+    try:
+        if args.smoke:
+            server, _ = launch(args.model_dir, store, args.max_rank)
+        if "throughput" in parts:
+            rows += throughput_power_law(args, store, server.url if server else None)
+        if "hotswap" in parts:
+            if server is None:
+                server, _ = launch(args.model_dir, store, args.max_rank)
+            rows += hot_swap_latency(args, server.url)
+    finally:
+        if server is not None:
+            server.cleanup()
+    return rows
+
+
 def run_store_and_server(
     args: argparse.Namespace, parts: set[str], work: Path, n: int
 ) -> list[Row]:
@@ -430,11 +653,7 @@ def run_store_and_server(
     rows: list[Row] = []
     if not parts & {"store", "startup", "listing", "upload", "rss"}:
         return rows
-    full_store = work / "store-full"
-    if full_store.exists():
-        shutil.rmtree(full_store)
-    secs = build_store(full_store, args.model_dir, n, args.adapter, args.max_rank)
-    print(f"built a store of {n:,} adapters in {secs:.1f} s", flush=True)
+    full_store = ensure_store(args, work, n)
     if "store" in parts:
         rows += store_open(full_store, args.model_dir, args.max_rank, n)
     if not parts & {"startup", "listing", "upload", "rss"}:

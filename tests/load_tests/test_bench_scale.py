@@ -44,7 +44,25 @@ def test_cold_load_runs_at_tiny_size(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "dominant" in rows[1].note
     out = capsys.readouterr().out
     assert "cold-load profile" in out
-    bench_scale.print_table(rows + bench_scale.hot_swap_latency(bench_scale.build_parser()
-                                                                .parse_args([])))
+    served = bench_scale.Row("  alpha=1 / N=1", 91.234, "%", ">= 80%", True, "400 requests")
+    bench_scale.print_table([*rows, served, bench_scale.Row("hot swap", None, "ms")])
     table = capsys.readouterr().out
-    assert "cold load tiny rank 4" in table and bench_scale.NOT_MEASURED in table
+    assert "cold load tiny rank 4" in table and "91.2 %" in table and "yes" in table
+
+
+def test_served_counters_by_tier() -> None:
+    """/metrics deltas -> loads and evictions by tier, as the throughput rows print them."""
+    delta = {
+        'hotlora_adapter_loads_total{kind="lora",outcome="ok",tier="disk"}': 9.0,
+        'hotlora_adapter_loads_total{kind="lora",outcome="error",tier="disk"}': 1.0,
+        'hotlora_adapter_loads_total{kind="lora",outcome="ok",tier="cpu"}': 3.0,
+        'hotlora_adapter_evictions_total{tier="device"}': 0.0,
+        "hotlora_adapter_loads_total": 13.0,
+    }
+    loads = bench_scale._by_tier(delta, "hotlora_adapter_loads_total")
+    assert loads == {"disk": 10, "cpu": 3}
+    assert bench_scale._tiers(loads) == "13 (cpu 3, disk 10)"
+    evictions = bench_scale._by_tier(delta, "hotlora_adapter_evictions_total")
+    assert bench_scale._tiers(evictions) == "0" and bench_scale._tiers({}) == "0"
+    args = bench_scale.build_parser().parse_args(["--alphas", "1,0.5", "--only", "throughput"])
+    assert args.alphas == [1.0, 0.5] and args.swaps == 20 and args.concurrency == 32
