@@ -335,11 +335,25 @@ def make_random_base(path: Path, kind: str = "gpt2-small", seed: int = 0) -> Pat
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size of a process (VmRSS in /proc/<pid>/status)."""
+    """Resident set size of a process and its children (VmRSS in /proc/<pid>/status): the
+    server is its API process plus the engine process it spawns."""
+    total = None
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+            total = int(line.split()[1]) * 1024
+    if total is None:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    for task in Path(f"/proc/{pid}/task").glob("*"):  # any thread may have started a child
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in children:
+            try:
+                total += rss_bytes(int(child))
+            except (OSError, RuntimeError):  # it just exited
+                continue
+    return total
 
 
 class ServerProcess:
