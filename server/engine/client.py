@@ -166,14 +166,16 @@ class EngineClient:
         """The reader thread: one loop callback per message batch (one per engine step)."""
         loop = self._loop
         assert loop is not None
-        while True:
-            try:
-                msgs = conn.recv()
-            except (EOFError, OSError):
-                break
-            loop.call_soon_threadsafe(self._on_messages, msgs)
-        if not loop.is_closed():
+        try:
+            while True:
+                try:
+                    msgs = conn.recv()
+                except (EOFError, OSError):
+                    break
+                loop.call_soon_threadsafe(self._on_messages, msgs)
             loop.call_soon_threadsafe(self._on_core_lost)
+        except RuntimeError:  # the event loop closed first: the server is shutting down
+            pass
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the core (its requests end) and wait for it."""
