@@ -13,7 +13,6 @@ the environment of `server.engine.chat_sandbox`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from jinja2.exceptions import SecurityError
 
 from server.engine.chat_sandbox import TemplateRaised, deadline, environment
 from server.engine.errors import ModelLoadError, RequestError
+from server.engine.tokenizer import json_object
 
 log = logging.getLogger(__name__)
 
@@ -70,18 +70,6 @@ def _prepare(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{path}: not a JSON object")
-    return data
-
-
 def _token(value: Any) -> str | None:
     if isinstance(value, dict):  # an AddedToken, {"content": ..., ...}
         value = value.get("content")
@@ -102,7 +90,7 @@ _MODEL_TYPE_CLASS = {"gpt2": "GPT2Tokenizer", "qwen2": "Qwen2Tokenizer",
 def _class_defaults(model_dir: Path, cfg: dict[str, Any]) -> dict[str, str]:
     """The defaults of the class AutoTokenizer loads (none for its generic TokenizersBackend,
     which it uses for Mistral and for Llama-3 style byte-level LlamaTokenizer files)."""
-    config = _json(model_dir / "config.json")
+    config = json_object(model_dir / "config.json")
     name = cfg.get("tokenizer_class") or config.get("tokenizer_class")
     model_type = config.get("model_type")
     name = str(name).removesuffix("Fast") if name else _MODEL_TYPE_CLASS.get(str(model_type))
@@ -118,9 +106,9 @@ def special_tokens(model_dir: Path) -> dict[str, str]:
     tokenizer_config.json (with special_tokens_map.json when it has no added_tokens_decoder,
     else the tokenizer class's defaults), other `*_token` strings and a dict of
     `extra_special_tokens`."""
-    cfg = _json(model_dir / "tokenizer_config.json")
+    cfg = json_object(model_dir / "tokenizer_config.json")
     if "added_tokens_decoder" not in cfg:
-        cfg |= _json(model_dir / "special_tokens_map.json")
+        cfg |= json_object(model_dir / "special_tokens_map.json")
     cfg = _class_defaults(model_dir, cfg) | cfg
     extra = cfg.get("extra_special_tokens") or cfg.get("additional_special_tokens")
     named = {k: v for k, v in cfg.items() if k.endswith("_token") and k not in SPECIAL_TOKENS}
@@ -153,7 +141,7 @@ def _find(model_dir: Path) -> tuple[str, str] | None:
                                  "--chat-template FILE")
         return _read(files["default"]), str(files["default"])
     config_path = model_dir / "tokenizer_config.json"
-    value = _json(config_path).get("chat_template")
+    value = json_object(config_path).get("chat_template")
     if value is None:
         return None
     if isinstance(value, str):

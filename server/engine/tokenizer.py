@@ -92,8 +92,8 @@ def load_tokenizer(model_dir: Path) -> TextTokenizer:
         text = path.read_text(encoding="utf-8")
     except (OSError, ValueError) as e:  # ValueError: not UTF-8
         raise ModelLoadError(f"{path}: not a valid tokenizer.json ({e})") from e
-    tok_cfg = _json_object(model_dir / "tokenizer_config.json")
-    config = _json_object(model_dir / "config.json")
+    tok_cfg = json_object(model_dir / "tokenizer_config.json")
+    config = json_object(model_dir / "config.json")
     cls = tok_cfg.get("tokenizer_class") or config.get("tokenizer_class")
     if cls is not None and not isinstance(cls, str):
         raise ModelLoadError(f"{model_dir}: tokenizer_class must be a string, got {cls!r}")
@@ -126,7 +126,7 @@ def load_tokenizer(model_dir: Path) -> TextTokenizer:
     return TextTokenizer(raw, bos_id, eos_ids)
 
 
-def _json_object(path: Path) -> dict[str, Any]:
+def json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} when the file does not exist."""
     if not path.is_file():
         return {}
@@ -218,7 +218,7 @@ def _eos_token_ids(
     else config.json's, else tokenizer_config.json's eos_token; ids outside the vocab dropped."""
     vocab_size = raw.get_vocab_size(with_added_tokens=True)
     sources = [
-        ("generation_config.json", _json_object(model_dir / "generation_config.json")),
+        ("generation_config.json", json_object(model_dir / "generation_config.json")),
         ("config.json", config),
     ]
     for name, data in sources:
