@@ -225,7 +225,7 @@ class EngineCore:
         failed: dict[str, Rejected] = {}
         for p in self._pending:
             key = None if p.version is None else p.version.key
-            if p.version is not None and key not in self.engine.adapters:
+            if p.version is not None and p.version.key not in self.engine.residents:
                 status = failed.get(p.version.key) or self._make_resident(p.version)
                 if isinstance(status, Rejected):
                     failed[p.version.key] = status

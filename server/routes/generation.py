@@ -123,7 +123,7 @@ def submit(
     try:
         for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
             for j in range(n):
-                seeded = p if p.seed is None or j == 0 else _reseed(p, p.seed + j)
+                seeded = p if p.seed is None or j == 0 else replace(p, seed=p.seed + j)
                 index = i * n + j
                 rid = f"{request_id}-{index}"
                 rows.append(Row(index, ids, state.client.submit(ids, version, seeded, rid, shared)))
@@ -135,10 +135,6 @@ def submit(
             raise APIError(503, f"{e}; retry later", headers={"Retry-After": "1"}) from e
         raise APIError(429, f"server busy: {e}; retry later", headers={"Retry-After": "1"}) from e
     return rows
-
-
-def _reseed(p: SamplingParams, seed: int) -> SamplingParams:
-    return replace(p, seed=seed)
 
 
 class _Tracker:
