@@ -126,13 +126,7 @@ def _median(runs: list[Offline]) -> Offline:
 
 def tree_cpu_seconds(pid: int) -> float:
     """CPU seconds of a process and its children (the server's engine process)."""
-    children: list[str] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):  # any thread may have started a child
-        try:
-            children += (task / "children").read_text().split()
-        except OSError:
-            continue
-    return bs.cpu_seconds(pid) + sum(tree_cpu_seconds(int(c)) for c in children)
+    return sum(bs.cpu_seconds(p) for p in common.process_tree(pid))
 
 
 def served(

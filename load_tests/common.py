@@ -334,25 +334,35 @@ def make_random_base(path: Path, kind: str = "gpt2-small", seed: int = 0) -> Pat
 # ---------------------------------------------------------------------------- processes
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of a process and its children (VmRSS in /proc/<pid>/status): the
-    server is its API process plus the engine process it spawns."""
-    total = None
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            total = int(line.split()[1]) * 1024
-    if total is None:
-        raise RuntimeError(f"no VmRSS for pid {pid}")
-    for task in Path(f"/proc/{pid}/task").glob("*"):  # any thread may have started a child
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants: the server is its API process plus the engine process it
+    spawns (from whichever thread started it, so every thread's children are read)."""
+    out = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
             children = (task / "children").read_text().split()
         except OSError:
             continue
         for child in children:
-            try:
-                total += rss_bytes(int(child))
-            except (OSError, RuntimeError):  # it just exited
-                continue
+            out += process_tree(int(child))
+    return out
+
+
+def _vm_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process and its descendants (VmRSS in /proc/<pid>/status)."""
+    total = _vm_rss(pid)
+    for child in process_tree(pid)[1:]:
+        try:
+            total += _vm_rss(child)
+        except (OSError, RuntimeError):  # it just exited
+            continue
     return total
 
 
