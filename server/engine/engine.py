@@ -288,22 +288,13 @@ class Engine:
     def _forward(
         self, batch: list[_Request], tokens: list[list[int]], starts: list[int], prefill: bool
     ) -> list[StepOutput]:
-        merged = self.residents.merged
-        merged_slot = None if merged is None else merged.slot
-        step = build_step(
-            self.kv,
+        step, hidden = self._run(
             [r.row for r in batch],
             tokens,
             starts,
             [r.lora_slot for r in batch],
             [r.deu_slot for r in batch],
-            merged_slot,
-            self.device,
-            self.residents.lora.row_widths,
         )
-        hidden = self.model(
-            step.input_ids, step.positions, step.attn, self._hook(step)
-        )  # (B, L, d)
         last = hidden[torch.arange(len(batch), device=self.device), step.last]  # (B, d)
         logits = self.model.logits(last)  # (B, V)
         if prefill:
@@ -329,6 +320,30 @@ class Engine:
             self._advance(req, tok, first=prefill)
             for req, tok in zip(batch, next_ids, strict=True)
         ]
+
+    def _run(
+        self,
+        rows: list[int],
+        tokens: list[list[int]],
+        starts: list[int],
+        lora_slots: list[int],
+        deu_slots: list[int],
+    ) -> tuple[StepBatch, torch.Tensor]:
+        """One forward pass (build_step's rows, tokens, starts and slots): the step's
+        metadata and the last hidden states (B, L, d)."""
+        merged = self.residents.merged
+        step = build_step(
+            self.kv,
+            rows,
+            tokens,
+            starts,
+            lora_slots,
+            deu_slots,
+            None if merged is None else merged.slot,
+            self.device,
+            self.residents.lora.row_widths,
+        )
+        return step, self.model(step.input_ids, step.positions, step.attn, self._hook(step))
 
     def _hook(self, step: StepBatch) -> BatchAdapters | None:
         if not step.has_adapters:
@@ -396,13 +411,7 @@ class Engine:
         deu = [-1 if r is None else r.deu_slot for r in res]
         rows = [self.kv.allocate() for _ in prompts]
         try:
-            merged = self.residents.merged
-            merged_slot = None if merged is None else merged.slot
-            step = build_step(
-                self.kv, rows, ids, [0] * len(ids), lora, deu, merged_slot, self.device,
-                self.residents.lora.row_widths,
-            )
-            hidden = self.model(step.input_ids, step.positions, step.attn, self._hook(step))
+            _, hidden = self._run(rows, ids, [0] * len(ids), lora, deu)
             return [self.model.logits(hidden[b, : len(t)]).float() for b, t in enumerate(ids)]
         finally:
             for row in rows:
