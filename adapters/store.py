@@ -30,30 +30,38 @@ of a fully deleted name starts again at 1.
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
-import stat
-import sys
 import threading
 import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from adapters.adapter import Adapter, load_adapter
 from adapters.errors import AdapterError
 from adapters.format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, BaseShapes
+from adapters.quota import Quota, QuotaExceeded, check_quota
+from adapters.store_index import StoreIndex, Usage
+from adapters.store_tree import META_FORMAT, META_NAME, meta_from_json, read_name, scan, top_version
+from adapters.version import (
+    BASE_NAME,
+    NAME_RE,
+    AdapterVersion,
+    check_name,
+    check_qualified,
+    disk_name,
+    split_name,
+    valid_qualified,
+)
 
 try:
     import fcntl
@@ -62,72 +70,20 @@ except ImportError:  # pragma: no cover - not POSIX: one process per store, unch
 
 logger = logging.getLogger(__name__)
 
-NAME_RE = r"[A-Za-z0-9._-]{1,64}"
-META_NAME = "meta.json"
-BASE_NAME = "base.json"  # at the root: the base every stored adapter was validated against
+__all__ = [
+    "NAME_RE", "AdapterStore", "AdapterTooLarge", "AdapterVersion", "QuotaExceeded", "Quota",
+    "StoreMismatch", "check_name", "check_qualified",
+]  # fmt: skip
+
 LOCK_NAME = ".lock"  # at the root: every process with the store open holds a shared flock
-_NAME = re.compile(NAME_RE)
-_VERSION_DIR = re.compile(r"v([1-9][0-9]{0,17})")
 _STAGING = ".staging"
 _TRASH = ".trash"
 _OWN_ENTRIES = frozenset({_STAGING, _TRASH, BASE_NAME, f".{BASE_NAME}.tmp", LOCK_NAME})
-_META_FORMAT = 1
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 _RENAME_TRIES = 1000  # version numbers skipped at most when other processes race for them
 
 
 class AdapterTooLarge(AdapterError):
     """An upload is over the store's byte limit (a separate type so a server can answer 413)."""
-
-
-def check_name(name: str) -> None:
-    """Refuse a name that could escape ``root`` or collide with the store's own directories."""
-    # A leading dot is refused as well (not only "." and ".."): it would hide the directory and
-    # could name .staging or .trash.
-    if not isinstance(name, str) or _NAME.fullmatch(name) is None or name.startswith("."):
-        raise AdapterError(
-            str(name), f"name must match {NAME_RE} and not start with '.'", field="name"
-        )
-    if name == BASE_NAME:
-        raise AdapterError(name, f"{BASE_NAME!r} is the store's own file", field="name")
-
-
-def _valid_name(name: str) -> bool:
-    try:
-        check_name(name)
-    except AdapterError:
-        return False
-    return True
-
-
-@dataclass(frozen=True, slots=True)
-class AdapterVersion:
-    """One stored, validated and immutable upload of an adapter."""
-
-    name: str
-    version: int  # 1, 2, 3 ... per name; never reused within a process (see module docstring)
-    root: str  # the store's directory (one string shared by all of a store's versions)
-    kind: str  # "lora" | "deu" | "lora+deu"
-    rank: int
-    target_modules: tuple[str, ...]  # targets present in the file, in the layout's order
-    size_bytes: int  # size of adapter_model.safetensors
-    sha256: str  # hex digest of adapter_model.safetensors
-    created: int  # unix seconds
-
-    @property
-    def location(self) -> str:
-        """The directory holding adapter_config.json + adapter_model.safetensors."""
-        return os.path.join(self.root, self.name, f"v{self.version}")
-
-    @property
-    def path(self) -> Path:
-        """The version's directory as a Path (built on demand: the index keeps none)."""
-        return Path(self.location)
-
-    @property
-    def key(self) -> str:
-        """The engine's resident-adapter name for this version ("@" cannot occur in a name)."""
-        return f"{self.name}@{self.version}"
 
 
 def _fsync_dir(path: str | Path) -> None:
@@ -153,78 +109,6 @@ def _mkdir(path: str) -> bool:
     except FileExistsError:
         return False
     return True
-
-
-def _is_int(v: object) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_file(path: str) -> bool:
-    try:
-        return os.path.isfile(path)
-    except OSError:
-        return False
-
-
-class _Interned:
-    """Shares the target tuples and kind strings that thousands of versions repeat."""
-
-    def __init__(self) -> None:
-        self._targets: dict[tuple[str, ...], tuple[str, ...]] = {}
-
-    def targets(self, targets: list[str]) -> tuple[str, ...]:
-        t = tuple(sys.intern(x) for x in targets)
-        return self._targets.setdefault(t, t)
-
-
-def _meta_from_json(
-    name: str,
-    version: int,
-    location: str,
-    meta: Any,
-    targets_known: tuple[str, ...],
-    root: str,
-    interned: _Interned | None = None,
-) -> AdapterVersion:
-    """An AdapterVersion of the store at ``root`` from meta.json content, checked against the
-    files in ``location``; ValueError if anything is off."""
-    if not isinstance(meta, dict) or meta.get("format") != _META_FORMAT:
-        raise ValueError("not a meta.json of a known format")
-    targets = meta.get("target_modules")
-    fields = {
-        "kind": isinstance(meta.get("kind"), str),
-        "rank": _is_int(meta.get("rank")) and meta["rank"] >= 0,
-        "target_modules": isinstance(targets, list) and all(t in targets_known for t in targets),
-        "size_bytes": _is_int(meta.get("size_bytes")),
-        "sha256": isinstance(meta.get("sha256"), str) and _SHA256.fullmatch(meta["sha256"]),
-        "created": _is_int(meta.get("created")),
-    }
-    bad = [k for k, ok in fields.items() if not ok]
-    if bad:
-        raise ValueError(f"bad fields {bad}")
-    # Only the size is checked: hashing every stored adapter would make startup slow.
-    try:
-        st = os.stat(f"{location}/{WEIGHTS_NAME}")
-        weights_ok = stat.S_ISREG(st.st_mode) and st.st_size == meta["size_bytes"]
-    except OSError:
-        weights_ok = False
-    if not weights_ok:
-        raise ValueError(f"{WEIGHTS_NAME} is missing or not {meta['size_bytes']} bytes")
-    if not _is_file(f"{location}/{CONFIG_NAME}"):
-        raise ValueError(f"{CONFIG_NAME} is missing")
-    interned = interned or _Interned()
-    assert isinstance(targets, list)
-    return AdapterVersion(
-        name=name,
-        version=version,
-        root=root,
-        kind=sys.intern(meta["kind"]),
-        rank=meta["rank"],
-        target_modules=interned.targets(targets),
-        size_bytes=meta["size_bytes"],
-        sha256=meta["sha256"],
-        created=meta["created"],
-    )
 
 
 class StoreMismatch(Exception):
@@ -295,37 +179,29 @@ class _RootLock:
             os.close(self.fd)
 
 
-@dataclass
-class _Tree:
-    """What a scan of the directory tree found."""
-
-    versions: dict[str, list[AdapterVersion]]  # listed versions per name, oldest first
-    high: dict[str, int]  # the highest version number seen per name, listed or not
-
-
 class AdapterStore:
     """Validated adapters persisted under ``root``, all for one base (recorded in base.json);
     every method is thread-safe (see the module docstring for processes)."""
 
     def __init__(
-        self, root: Path, base: BaseShapes, max_rank: int, max_bytes: int = 256 << 20
+        self,
+        root: Path,
+        base: BaseShapes,
+        max_rank: int,
+        max_bytes: int = 256 << 20,
+        shared: bool = False,
     ) -> None:
         self.root = Path(root)
+        # shared: other servers write this root too; resolve names with latest_fresh.
+        self.shared = shared
         self.base = base
         self.max_rank = max_rank
         self.max_bytes = max_bytes
         self._root = str(self.root)
-        # _disk serializes what changes the tree (renames and their fsyncs); _index guards the
-        # in-memory index for microseconds at a time, so readers never wait for a disk.
+        # _disk serializes what changes the tree (renames and their fsyncs); the index has its
+        # own lock, held for microseconds, so readers never wait for a disk.
         self._disk = threading.Lock()
-        self._index = threading.Lock()
-        # Listed versions per name, oldest first (names with none are absent).
-        self._versions: dict[str, list[AdapterVersion]] = {}
-        self._sorted: list[str] = []  # the names of _versions, sorted
-        # Version numbers seen but not (or no longer) listed, so numbers are never reused: only
-        # names whose highest number is above their newest listed version are here.
-        self._high: dict[str, int] = {}
-        self._generation = 0
+        self._index = StoreIndex()
         self.root.mkdir(parents=True, exist_ok=True)
         self._check_base()
         self._lock_file = _RootLock.for_root(self.root)
@@ -335,12 +211,13 @@ class AdapterStore:
                     logger.info("removing leftover %s", self.root / leftover)
                     shutil.rmtree(self.root / leftover)
             (self.root / _STAGING).mkdir(exist_ok=True)
-        self._install(self._scan(repair=True))
+        tree = scan(self._root, self.base.layout.targets, _OWN_ENTRIES, repair=True)
+        self._index.install(tree.versions, tree.high)
         logger.info(
             "adapter store %s: %d names, %d versions",
             self.root,
-            len(self._versions),
-            sum(len(vs) for vs in self._versions.values()),
+            len(tree.versions),
+            sum(len(vs) for vs in tree.versions.values()),
         )
 
     def _check_base(self) -> None:
@@ -365,103 +242,34 @@ class AdapterStore:
         os.replace(tmp, path)
         _fsync_dir(self.root)
 
-    # ------------------------------------------------------------------ reading the tree
-
-    def _scan(self, repair: bool) -> _Tree:
-        """Read every name and version directory. With ``repair``, a version directory without
-        meta.json (not made by a store: a copy interrupted by a crash) is removed."""
-        tree = _Tree({}, {})
-        targets, interned, root = self.base.layout.targets, _Interned(), self._root
-        with os.scandir(root) as it:
-            names = sorted((e.name, e.is_dir()) for e in it if e.name not in _OWN_ENTRIES)
-        for name, is_dir in names:
-            if name.startswith(f".{BASE_NAME}.") and name.endswith(".tmp"):
-                continue  # an interrupted base.json write
-            if not is_dir or not _valid_name(name):
-                logger.warning("ignoring %s: not an adapter name directory", f"{root}/{name}")
-                continue
-            name_dir = os.path.join(root, name)
-            try:
-                with os.scandir(name_dir) as it:
-                    vdirs = sorted((e.name, e.is_dir()) for e in it)
-            except OSError as e:
-                logger.error("not listing %s: %s", name_dir, e)
-                continue
-            listed: list[AdapterVersion] = []
-            for vname, vis_dir in vdirs:
-                m = _VERSION_DIR.fullmatch(vname)
-                vdir = os.path.join(name_dir, vname)
-                if m is None or not vis_dir:
-                    logger.warning("ignoring %s: not a version directory", vdir)
-                    continue
-                version = int(m.group(1))
-                try:
-                    with open(os.path.join(vdir, META_NAME), "rb") as f:
-                        raw = f.read()
-                except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-                    # meta.json is written before the rename, so this is not a store-made
-                    # version; most likely a copy interrupted by a crash.
-                    if repair:
-                        logger.warning("removing %s: no %s", vdir, META_NAME)
-                        shutil.rmtree(vdir, ignore_errors=True)
-                    continue
-                except OSError as e:
-                    tree.high[name] = max(tree.high.get(name, 0), version)
-                    logger.error("not listing %s: %s", vdir, e)
-                    continue
-                tree.high[name] = max(tree.high.get(name, 0), version)
-                try:
-                    meta = json.loads(raw)
-                    v = _meta_from_json(name, version, vdir, meta, targets, root, interned)
-                except ValueError as e:
-                    # Damage after a completed put is not a crash leftover: keep the files for
-                    # inspection, but never serve them (and never reuse the number).
-                    logger.error("not listing %s: %s", vdir, e)
-                    continue
-                listed.append(v)
-            if listed:
-                listed.sort(key=lambda v: v.version)
-                tree.versions[name] = listed
-        return tree
-
-    def _install(self, tree: _Tree) -> None:
-        """Make a scan the index, keeping every version number this process has seen."""
-        high = dict(self._high)
-        for name, vs in self._versions.items():
-            high[name] = max(high.get(name, 0), vs[-1].version)
-        for name, h in tree.high.items():
-            high[name] = max(high.get(name, 0), h)
-        with self._index:
-            self._versions = tree.versions
-            self._sorted = sorted(tree.versions)
-            self._high = {
-                n: h for n, h in high.items()
-                if n not in tree.versions or tree.versions[n][-1].version < h
-            }
-            self._generation += 1
-
     def refresh(self) -> None:
         """Rescan the tree: see what other processes uploaded or deleted since this one opened
         the store. Uploads and deletes of this process wait for it; lookups do not."""
         with self._disk:
-            self._install(self._scan(repair=False))
+            tree = scan(self._root, self.base.layout.targets, _OWN_ENTRIES, repair=False)
+            self._index.install(tree.versions, tree.high)
 
     # ------------------------------------------------------------------ writing
 
-    def put(self, name: str, config: bytes, weights: bytes) -> tuple[AdapterVersion, Adapter]:
-        """Validate and store a new version of ``name``.
+    def put(
+        self, name: str, config: bytes, weights: bytes, quota: Quota | None = None
+    ) -> tuple[AdapterVersion, Adapter]:
+        """Validate and store a new version of ``name`` (qualified: ``tenant/name`` for a
+        tenant's adapter), within its namespace's ``quota``.
 
         Returns the version and the validated adapter, named ``version.key`` as ``load`` would
         name it. Any refusal raises AdapterError and leaves the store exactly as it was.
         """
-        check_name(name)
+        check_qualified(name)
         size = len(config) + len(weights)
         if size > self.max_bytes:
             raise AdapterTooLarge(
                 name, f"upload is {size} bytes, over the {self.max_bytes}-byte limit", "size"
             )
+        if quota is not None:  # early, so a refused upload is not even written; again below
+            self._check_quota(name, len(weights), quota)
         staging = os.path.join(
-            self._root, _STAGING, f"{name}.{os.getpid()}.{secrets.token_hex(8)}"
+            self._root, _STAGING, f"{disk_name(name)}.{os.getpid()}.{secrets.token_hex(8)}"
         )
         os.mkdir(staging)
         try:
@@ -472,7 +280,7 @@ class AdapterStore:
             lora = adapter.lora
             present = set() if lora is None else {m.target for m in lora.modules}
             meta = {
-                "format": _META_FORMAT,
+                "format": META_FORMAT,
                 "kind": adapter.kind,
                 "rank": adapter.rank,
                 "target_modules": [t for t in self.base.layout.targets if t in present],
@@ -484,23 +292,29 @@ class AdapterStore:
             # everything but the rename can happen outside the lock.
             _write_synced(os.path.join(staging, META_NAME), json.dumps(meta, indent=2).encode())
             _fsync_dir(staging)
-            staged = _meta_from_json(
+            staged = meta_from_json(
                 name, 0, staging, meta, self.base.layout.targets, self._root
             )
-            v = self._publish(staged, staging)
+            v = self._publish(staged, staging, quota)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         logger.info("stored %s (%s, %d bytes, rank %d)", v.key, v.kind, v.size_bytes, v.rank)
         return v, adapter.renamed(v.key)
 
-    def _publish(self, staged: AdapterVersion, staging: str) -> AdapterVersion:
-        """Rename a staged version into place under the next free number, durably, and list it."""
+    def _check_quota(self, name: str, size: int, quota: Quota) -> None:
+        usage = self._index.usage(split_name(name)[0])
+        check_quota(name, size, quota, usage, self._index.latest(name) is None)
+
+    def _publish(self, staged: AdapterVersion, staging: str, quota: Quota | None) -> AdapterVersion:
+        """Rename a staged version into place under the next free number, durably, and list it
+        (the quota is checked under the same lock, so racing uploads cannot both pass it)."""
         name = staged.name
         with self._disk:
-            listed = self._versions.get(name)
-            version = max(self._high.get(name, 0), listed[-1].version if listed else 0) + 1
-            name_dir = os.path.join(self._root, name)
+            if quota is not None:
+                self._check_quota(name, staged.size_bytes, quota)
+            version = self._index.next_version(name)
+            name_dir = os.path.join(self._root, disk_name(name))
             _mkdir(name_dir)
             for _ in range(_RENAME_TRIES):
                 target = os.path.join(name_dir, f"v{version}")
@@ -526,21 +340,14 @@ class AdapterStore:
             _fsync_dir(name_dir)
             _fsync_dir(self._root)
             v = dataclasses.replace(staged, version=version)  # its location is now target
-            with self._index:
-                versions = self._versions.get(name)
-                if versions is None:
-                    self._versions[name] = [v]
-                    bisect.insort(self._sorted, name)
-                else:
-                    versions.append(v)
-                if self._high.get(name, 0) <= version:
-                    self._high.pop(name, None)
-                self._generation += 1
+            self._index.add(v)
         return v
 
-    def put_dir(self, name: str, src: Path) -> tuple[AdapterVersion, Adapter]:
+    def put_dir(
+        self, name: str, src: Path, quota: Quota | None = None
+    ) -> tuple[AdapterVersion, Adapter]:
         """``put`` the adapter_config.json + adapter_model.safetensors of a PEFT directory."""
-        check_name(name)
+        check_qualified(name)
         src = Path(src)
         if not src.is_dir():
             raise AdapterError(name, f"adapter path {str(src)!r} is not a directory", "path")
@@ -566,24 +373,20 @@ class AdapterStore:
             config, weights = config_path.read_bytes(), weights_path.read_bytes()
         except OSError as e:
             raise AdapterError(name, f"cannot read {str(src)!r}: {e}", "path") from e
-        return self.put(name, config, weights)
+        return self.put(name, config, weights, quota)
 
     def delete(self, name: str) -> list[AdapterVersion]:
         """Remove every version of ``name``; returns what was removed ([] if unknown).
 
         An invalid name is simply unknown: it is never turned into a path.
         """
-        if not _valid_name(name):
+        if not valid_qualified(name):
             return []
-        trash = os.path.join(self._root, _TRASH, f"{name}.{os.getpid()}.{secrets.token_hex(8)}")
+        disk = disk_name(name)
+        trash = os.path.join(self._root, _TRASH, f"{disk}.{os.getpid()}.{secrets.token_hex(8)}")
         with self._disk:
-            with self._index:
-                removed = self._versions.pop(name, [])
-                if removed:
-                    del self._sorted[bisect.bisect_left(self._sorted, name)]
-                    self._high[name] = max(self._high.get(name, 0), removed[-1].version)
-                    self._generation += 1
-            name_dir = os.path.join(self._root, name)
+            removed = self._index.remove(name)
+            name_dir = os.path.join(self._root, disk)
             if not os.path.lexists(name_dir):
                 return removed
             os.makedirs(os.path.dirname(trash), exist_ok=True)
@@ -598,55 +401,81 @@ class AdapterStore:
     # ------------------------------------------------------------------ reading the index
 
     def latest(self, name: str) -> AdapterVersion | None:
-        with self._index:
-            versions = self._versions.get(name)
-            return versions[-1] if versions else None
+        return self._index.latest(name)
+
+    def latest_fresh(self, name: str) -> AdapterVersion | None:
+        """``latest(name)`` as the disk has it now, for a root that other processes write
+        (``shared``): sees their uploads and deletes of ``name`` at once. One listdir of the
+        name's directory; only when it disagrees with the index are the name's meta.json files
+        read (under the write lock, so this process's own puts and deletes are never undone)."""
+        if not valid_qualified(name):
+            return None
+        have = self._index.latest(name)
+        top = top_version(self._root, name)
+        if top is not None and have is not None and have.version == top:
+            return have
+        if top is None and have is None:
+            return None
+        with self._disk:
+            self._sync_name(name)
+            return self._index.latest(name)
+
+    def _sync_name(self, name: str) -> None:
+        """Replace the index's versions of ``name`` with the disk's (holding ``_disk``)."""
+        listed, _ = read_name(self._root, name, self.base.layout.targets)
+        current = self._index.versions(name)
+        if [(v.version, v.sha256) for v in current] == [(v.version, v.sha256) for v in listed]:
+            return
+        self._index.remove(name)
+        for v in listed:
+            self._index.add(v)
 
     def get(self, name: str, version: int) -> AdapterVersion | None:
-        with self._index:
-            versions = self._versions.get(name)
-            if not versions:
-                return None
-            i = bisect.bisect_left(versions, version, key=lambda v: v.version)
-            return versions[i] if i < len(versions) and versions[i].version == version else None
+        return self._index.get(name, version)
 
     def names(self) -> list[str]:
-        """Every name with a listed version, sorted."""
-        with self._index:
-            return list(self._sorted)
+        """Every qualified name with a listed version, sorted."""
+        return self._index.names()
 
     def count(self) -> int:
         """How many names have a listed version (O(1); a store is never falsy, even empty)."""
-        return len(self._sorted)
+        return self._index.count()
+
+    def latest_all(self) -> list[AdapterVersion]:
+        """The latest version of every name, sorted by qualified name."""
+        return self._index.page(None, None)[0]
+
+    def usage(self, tenant: str | None) -> Usage:
+        """What a namespace holds (None: the shared one), for quotas."""
+        return self._index.usage(tenant)
 
     @property
     def generation(self) -> int:
         """Grows with every change of the index: a listing rendered at one generation is
         current while it has not changed."""
-        return self._generation
-
-    def latest_all(self) -> list[AdapterVersion]:
-        """The latest version of every name, sorted by name."""
-        with self._index:
-            versions = self._versions
-            return [versions[n][-1] for n in self._sorted]
+        return self._index.generation
 
     def page(
         self, after: str | None = None, limit: int | None = None
     ) -> tuple[list[AdapterVersion], bool]:
         """The latest version of up to ``limit`` names sorted after ``after`` (None: from the
-        first), by name, and whether more follow. ``after`` need not be a stored name (e.g. one
-        deleted since the previous page): the page starts where it would sort."""
-        with self._index:
-            names = self._sorted
-            i = 0 if after is None else bisect.bisect_right(names, after)
-            j = len(names) if limit is None else min(len(names), i + max(limit, 0))
-            return [self._versions[n][-1] for n in names[i:j]], j < len(names)
+        first), by qualified name, and whether more follow. ``after`` need not be a stored name
+        (e.g. one deleted since the previous page): the page starts where it would sort."""
+        return self._index.page(after, limit)
+
+    def view_page(
+        self,
+        namespaces: tuple[str | None, ...],
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> tuple[list[AdapterVersion], bool]:
+        """``page`` over what sees only ``namespaces``, by short name, an earlier namespace's
+        adapter hiding a later one's of the same name."""
+        return self._index.view_page(namespaces, after, limit)
 
     def versions(self, name: str) -> list[AdapterVersion]:
         """Every version of ``name``, oldest first."""
-        with self._index:
-            return list(self._versions.get(name, ()))
+        return self._index.versions(name)
 
     def load(self, v: AdapterVersion) -> Adapter:
         """Read a stored version back (for a cache miss), named ``v.key``: one read of its

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from adapters.demo_tasks import DEMO_MODEL, TASKS, demo_adapters, prompt_for
+
+if TYPE_CHECKING:
+    from server.config import Settings
 
 log = logging.getLogger("hotlora")
 
@@ -65,8 +71,10 @@ def _generate(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
+    from uvicorn.config import STARTUP_FAILURE
 
     from server.config import Settings
+    from server.lifecycle import GracefulServer, lifecycle_of
     from server.main import create_app
 
     flags = {
@@ -80,6 +88,8 @@ def _serve(args: argparse.Namespace) -> int:
         "max_adapters": args.max_adapters,
         "max_rank": args.max_rank,
         "max_seq_len": args.max_seq_len,
+        "replicas": args.replicas,
+        "ray_address": args.ray_address,
     }
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
@@ -87,10 +97,52 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"hotlora: invalid settings:\n{e}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
-    uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+    if settings.replicas is not None:
+        return _serve_on_ray(settings)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # hotlora.access writes the one line per request
+        # bounds SIGINT's shutdown too (uvicorn takes whole seconds)
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout_s),
     )
-    return 0
+    _json_log_lines()  # after uvicorn.Config, which applies uvicorn's logging config
+    server = GracefulServer(config, lifecycle_of(app), settings.shutdown_timeout_s)
+    # uvicorn re-raises a SIGINT it shut down for: not an error here (as in uvicorn.run)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    return 0 if server.started else STARTUP_FAILURE
+
+
+def _serve_on_ray(settings: Settings) -> int:
+    """`--replicas N`: N engine replicas behind one ingress on Ray Serve (server/ray_app.py)."""
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        print(
+            "hotlora: --replicas needs Ray Serve: pip install 'hotlora[ray]' "
+            "(or: pip install 'ray[serve]'); without --replicas hotlora serves in one process",
+            file=sys.stderr,
+        )
+        return 2
+    from server.ray_app import serve_forever
+
+    return serve_forever(settings)
+
+
+def _json_log_lines() -> None:
+    """The access and audit logs on stderr, each record its JSON line alone, whatever the root
+    logger's format and level are (uvicorn's config and --log-level leave them alone)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    for name in ("hotlora.access", "hotlora.audit"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # not twice through the root's handler
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-adapters", type=int, help="device adapter slots")
     serve.add_argument("--max-rank", type=int)
     serve.add_argument("--max-seq-len", type=int)
+    serve.add_argument(
+        "--replicas", type=int, metavar="N",
+        help="N engine replicas behind one ingress on Ray Serve (needs hotlora[ray])",
+    )
+    serve.add_argument(
+        "--ray-address", metavar="ADDR",
+        help="with --replicas: the Ray cluster to join (default: start a local one)",
+    )
     serve.set_defaults(func=_serve)
     gen = sub.add_parser("generate", help="generate one prompt with chosen adapters")
     gen.add_argument("--model", type=Path, default=DEMO_MODEL)

@@ -61,6 +61,27 @@ class Settings(BaseSettings):
         description="the engine process' torch threads (default: the CPU cores but one, which "
         "the API process needs; threads that share a core with it stall every step)",
     )
+    tenants_file: Path | None = Field(
+        None,
+        description="YAML or JSON file of tenants (keys, roles, limits); reloaded on SIGHUP and "
+        "when it changes",
+    )
+    max_body_bytes: int = Field(
+        4 << 20, ge=1024, description="largest JSON request body (413 beyond; uploads: see above)"
+    )
+    request_timeout_s: float | None = Field(
+        None,
+        gt=0,
+        description="per-request deadline: past it the row is freed; a request that started "
+        "ends with what it has (finish_reason 'length'), one that never started gets a 504",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="on SIGTERM: /ready answers 503 at once, running requests get this long to "
+        "finish, then the server exits 0",
+    )
+    access_log: bool = Field(True, description="one JSON line per request (logger hotlora.access)")
     device: str | None = None
     dtype: str | None = None
     log_level: str = "info"
@@ -97,3 +118,23 @@ class Settings(BaseSettings):
         out["admin_key"] = "***" if self.admin_key else None
         out["api_keys"] = [f"*** ({len(self.api_keys)} keys)"] if self.api_keys else []
         return out
+
+    # -- scale out (server/ray_app.py; README "Scale out") --
+    shared_store: bool = Field(
+        False,
+        description="other servers write the adapter store too (replicas, pods on one volume): "
+        "every request resolves its adapter from the disk, so their uploads and deletes apply "
+        "at once",
+    )
+    shared_store_refresh_s: float = Field(
+        2.0, gt=0, description="with shared_store: how often listings rescan the whole store"
+    )
+    replicas: int | None = Field(
+        None, ge=1, description="serve with N engine replicas on Ray Serve (pip install "
+        "hotlora[ray]); unset: one process"
+    )
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join with replicas (default: start a local one)"
+    )
+    replica_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica")
+    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per replica")

@@ -1,14 +1,22 @@
-"""FastAPI dependencies: the app state and bearer-key checks, as Annotated aliases."""
+"""FastAPI dependencies: the app state and who the caller is, as Annotated aliases."""
 
 from __future__ import annotations
 
-import secrets
+import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from server.errors import APIError
+from server.request_record import record_of
 from server.state import AppState
+from server.tenants import (
+    ADMIN,
+    ANONYMOUS_ADMIN,
+    ANONYMOUS_USER,
+    API_KEY_USER,
+    Principal,
+)
 
 
 def get_state(request: Request) -> AppState:
@@ -25,32 +33,70 @@ def _bearer(request: Request) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-def _check(request: Request, keys: list[str], what: str) -> None:
-    if not keys:
-        return
-    token = _bearer(request)
-    if token is None:
-        raise APIError(
-            401,
-            f"{what} needs 'Authorization: Bearer <key>'",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    if not any(secrets.compare_digest(token.encode(), k.encode()) for k in keys):
-        raise APIError(403, f"the bearer key is not valid for {what}")
+def _matches(token: str, keys: list[str]) -> bool:
+    """Compared with every key in constant time (no early exit)."""
+    found = False
+    for k in keys:
+        found |= hmac.compare_digest(token.encode(), k.encode())
+    return found
 
 
-def require_admin(request: Request, state: StateDep) -> None:
-    key = state.settings.admin_key
-    _check(request, [key.get_secret_value()] if key else [], "adapter changes")
+def _missing(what: str) -> APIError:
+    return APIError(
+        401, f"{what} needs 'Authorization: Bearer <key>'", headers={"WWW-Authenticate": "Bearer"}
+    )
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+def _principal(state: AppState, token: str | None) -> Principal:
     s = state.settings
-    keys = [k.get_secret_value() for k in s.api_keys]
-    if keys and s.admin_key:
-        keys.append(s.admin_key.get_secret_value())
-    _check(request, keys, "completions")
+    admin = [s.admin_key.get_secret_value()] if s.admin_key else []
+    users = [k.get_secret_value() for k in s.api_keys]
+    if state.tenants.enabled:  # every request names its tenant (or the admin / a shared user)
+        if token is None:
+            raise _missing("this server has tenants: every request")
+        found = state.tenants.lookup(token)
+        if found is not None:
+            return found
+    elif token is None and not users:  # as before tenants: open for use without API keys
+        return ANONYMOUS_ADMIN if not admin else ANONYMOUS_USER
+    if token is None:
+        raise _missing("completions")
+    if _matches(token, admin):
+        return ADMIN
+    if _matches(token, users):
+        return API_KEY_USER
+    if not state.tenants.enabled and not users:
+        return ANONYMOUS_USER if admin else ANONYMOUS_ADMIN
+    raise APIError(403, "the bearer key is not valid for completions")
 
 
-AdminDep = Depends(require_admin)
-ApiKeyDep = Depends(require_api_key)
+def authenticate(request: Request, state: StateDep) -> Principal:
+    """Who is calling (401 without a key where one is needed, 403 for a wrong one)."""
+    p = _principal(state, _bearer(request))
+    rec = record_of(request)
+    rec.principal, rec.tenant = p.name, p.tenant
+    return p
+
+
+def authenticate_writer(request: Request, state: StateDep) -> Principal:
+    """A caller who may change adapters: an admin, or a tenant in its own namespace."""
+    s = state.settings
+    if not state.tenants.enabled and s.admin_key is None:  # as before tenants: open
+        p = ANONYMOUS_ADMIN
+    else:
+        token = _bearer(request)
+        if token is None:
+            raise _missing("adapter changes")
+        try:
+            p = _principal(state, token)
+        except APIError as e:
+            raise APIError(403, "the bearer key is not valid for adapter changes") from e
+        if not p.can_write:
+            raise APIError(403, "the bearer key is not valid for adapter changes")
+    rec = record_of(request)
+    rec.principal, rec.tenant = p.name, p.tenant
+    return p
+
+
+PrincipalDep = Annotated[Principal, Depends(authenticate)]
+WriterDep = Annotated[Principal, Depends(authenticate_writer)]

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from server.schemas import ErrorBody, ErrorResponse
 
@@ -24,6 +25,7 @@ _TYPES = {
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 
 
@@ -54,6 +56,25 @@ def _response(
     return JSONResponse(error_body(status, message, param), status_code=status, headers=headers)
 
 
+# Probed in this order for a 405's Allow header.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def allowed_methods(request: Request) -> str:
+    """Every method some route serves at this request's path. Starlette's 405 lists only the
+    methods of the first route whose path matched, but one path may have several routes (GET
+    and DELETE /v1/adapters/{name} are two), and Allow must name them all (RFC 9110). Each
+    method is probed through the routes' public `matches` (a FULL match is a route that takes
+    the path with that method), which also sees into included routers."""
+    routes = request.app.router.routes
+    allowed = [
+        m
+        for m in _METHODS
+        if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)
+    ]
+    return ", ".join(allowed)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api(_: Request, e: APIError) -> JSONResponse:
@@ -70,8 +91,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return _response(400, f"{first.get('msg', 'invalid request')}{where}", param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return _response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        headers = getattr(e, "headers", None)
+        if e.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
+        return _response(e.status_code, str(e.detail), headers=headers)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception) -> JSONResponse:

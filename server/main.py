@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +14,7 @@ from fastapi import FastAPI
 
 from adapters.demo_tasks import demo_adapters
 from adapters.store import AdapterStore
+from server.access_log import install_request_middleware
 from server.config import Settings
 from server.engine import EngineConfig
 from server.engine.chat_template import ChatTemplate
@@ -20,8 +23,10 @@ from server.engine.core import CoreConfig, LoopConfig
 from server.engine.inputs import InputProcessor
 from server.errors import install_error_handlers
 from server.metrics import Metrics
+from server.openapi import install_openapi
 from server.routes import adapters, chat, completions, health, models, tokenize
 from server.state import AppState
+from server.tenants import WATCH_INTERVAL_S, TenantRegistry
 
 log = logging.getLogger("hotlora.server")
 
@@ -29,6 +34,7 @@ log = logging.getLogger("hotlora.server")
 def build_state(settings: Settings) -> AppState:
     """Read the model's config and tokenizer, open the adapter store; the engine core (which
     loads the weights) starts in the lifespan."""
+    tenants = TenantRegistry(settings.tenants_file)  # fails fast on an invalid file
     template = ChatTemplate.load(settings.model, settings.chat_template)  # fails fast
     engine_config = EngineConfig(
         max_batch=settings.max_running,
@@ -41,7 +47,11 @@ def build_state(settings: Settings) -> AppState:
     )
     inputs = InputProcessor.from_model_dir(settings.model, engine_config)
     store = AdapterStore(
-        settings.store_path, inputs.base_shapes, settings.max_rank, settings.max_upload_bytes
+        settings.store_path,
+        inputs.base_shapes,
+        settings.max_rank,
+        settings.max_upload_bytes,
+        shared=settings.shared_store,
     )
     shipped = demo_adapters(settings.model)
     if settings.seed_demo_adapters and shipped and not store.names():
@@ -65,7 +75,45 @@ def build_state(settings: Settings) -> AppState:
         metrics=metrics,
         own_process=settings.engine_process,
     )
-    return AppState(settings, inputs, store, client, metrics, int(time.time()), template)
+    return AppState(
+        settings, inputs, store, client, metrics, int(time.time()), template, tenants=tenants
+    )
+
+
+def _watch_tenants(tenants: TenantRegistry) -> asyncio.Task[None] | None:
+    """Reload the tenants file on SIGHUP and whenever it changes (polled: no inotify needed)."""
+    if not tenants.enabled:
+        return None
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+        # Only the main thread may set signal handlers (a test's app runs elsewhere).
+        loop.add_signal_handler(signal.SIGHUP, tenants.reload)
+
+    async def poll() -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            await asyncio.to_thread(tenants.reload_if_changed)
+
+    return asyncio.create_task(poll())
+
+
+def _refresh_store(state: AppState) -> asyncio.Task[None] | None:
+    """With a store other servers write too (shared_store), listings catch up with their
+    uploads and deletes every shared_store_refresh_s; requests see them at once (resolve reads
+    the name's directory)."""
+    settings = state.settings
+    if not settings.shared_store:
+        return None
+
+    async def refresh() -> None:
+        while True:
+            await asyncio.sleep(settings.shared_store_refresh_s)
+            try:
+                await asyncio.to_thread(state.store.refresh)
+            except OSError as e:
+                log.warning("adapter store refresh failed: %s", e)
+
+    return asyncio.create_task(refresh())
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -74,13 +122,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         log.info("effective settings: %s", settings.redacted())
-        if settings.admin_key is None:
+        if settings.tenants_file is not None:
+            log.info("tenants from %s: every request needs a key", settings.tenants_file)
+        elif settings.admin_key is None:
             log.warning(
                 "no HOTLORA_ADMIN_KEY: anyone who can reach %s:%d may upload and delete adapters",
                 settings.host,
                 settings.port,
             )
-        if not settings.api_keys:
+        if not settings.api_keys and settings.tenants_file is None:
             log.warning(
                 "no HOTLORA_API_KEYS: completions are open to anyone who can reach %s:%d",
                 settings.host,
@@ -89,14 +139,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state = build_state(settings)
         app.state.hotlora = state
         await state.client.start()
-        log.info("serving %s with %d stored adapters", settings.model_id, len(state.store.names()))
+        log.info("serving %s with %d stored adapters", settings.model_id, state.store.count())
+        tasks = [t for t in (_watch_tenants(state.tenants), _refresh_store(state)) if t]
         try:
             yield
         finally:
+            for task in tasks:
+                task.cancel()
             await asyncio.to_thread(state.client.stop)
 
     app = FastAPI(title="hotlora", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
+    install_request_middleware(app, settings)  # access log, request ids, drain, body limit
     for module in (completions, chat, models, adapters, tokenize, health):
         app.include_router(module.router)
+    install_openapi(app)  # the contract: every status each operation answers
     return app

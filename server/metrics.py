@@ -25,7 +25,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "hotlora_requests", "Finished requests by outcome", ["outcome"], registry=r
-        )  # outcome: stop | length | abort | error | rejected
+        )  # outcome: stop | length | abort | error | rejected | timeout
         self.ttft = Histogram(
             "hotlora_time_to_first_token_seconds",
             "Arrival to first token",
@@ -81,6 +81,11 @@ class CoreMetrics:
         r = self.registry = CollectorRegistry()
         self.max_lora = max_lora
         self.running = Gauge("hotlora_num_requests_running", "Requests in batch rows", registry=r)
+        self.kv_usage = Gauge(
+            "hotlora_kv_cache_usage_perc",
+            "Fraction of KV-cache rows in use, 0-1 (as vllm:kv_cache_usage_perc)",
+            registry=r,
+        )
         self.batch_size = Histogram(
             "hotlora_batch_size", "Rows per forward pass", ["phase"], buckets=_BATCH, registry=r
         )  # phase: prefill | decode

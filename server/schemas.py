@@ -5,15 +5,34 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import JsonDict
 
-from server.openai_schemas import ChatMessage
+from server.openai_schemas import STRICT, ChatMessage, TokenId
+
+# An adapter's name as the API addresses it: a name (adapters/store.py check_name: no leading
+# dot), optionally behind a tenant's namespace ("tenant/name", how an admin addresses a tenant's
+# adapter). Documented in the OpenAPI schema; the routes enforce it (a 400 naming the rule, or a
+# 404 where a lookup simply finds nothing).
+ADAPTER_NAME_PATTERN = r"^(?:[a-z0-9-]{1,32}/)?[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}$"
+_NAME_SCHEMA: JsonDict = {"pattern": ADAPTER_NAME_PATTERN}
 
 
 class TokenizeRequest(BaseModel):
     """POST /tokenize (vLLM's shape): a prompt or messages. `model` is optional: every
     adapter shares the base's tokenizer, but a named model must exist."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Exactly one of prompt and messages (the route's 400), stated for the OpenAPI schema: a
+    # null counts as absent, so each branch requires its field with its non-null type.
+    model_config = ConfigDict(
+        extra="forbid",
+        strict=True,  # as the OpenAI request models (server/openai_schemas.py STRICT)
+        json_schema_extra={
+            "oneOf": [
+                {"required": ["prompt"], "properties": {"prompt": {"type": "string"}}},
+                {"required": ["messages"], "properties": {"messages": {"type": "array"}}},
+            ]
+        },
+    )
 
     model: str | None = None
     prompt: str | None = None
@@ -37,10 +56,10 @@ class TokenizeResponse(BaseModel):
 class DetokenizeRequest(BaseModel):
     """POST /detokenize (vLLM's shape)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):
@@ -107,12 +126,42 @@ class AdapterList(BaseModel):
 
 
 class LoadLoraRequest(BaseModel):
-    lora_name: str
+    model_config = STRICT
+
+    lora_name: str = Field(json_schema_extra=_NAME_SCHEMA)
     lora_path: str
 
 
 class UnloadLoraRequest(BaseModel):
-    lora_name: str
+    model_config = STRICT
+
+    lora_name: str = Field(json_schema_extra=_NAME_SCHEMA)
+
+
+# Response shapes of routes that build their JSON by hand; documented in the OpenAPI schema
+# (server/openapi.py).
+
+
+class AdapterDeleted(BaseModel):
+    name: str
+    deleted: Literal[True]
+
+
+class LoraLoaded(AdapterInfo):
+    message: str
+
+
+class LoraUnloaded(BaseModel):
+    message: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Ready(BaseModel):
+    status: Literal["ready"]
+    model: str
 
 
 class ErrorBody(BaseModel):

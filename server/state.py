@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from adapters.store import AdapterStore, AdapterVersion
 from server.config import Settings
@@ -11,6 +11,9 @@ from server.engine.client import EngineClient
 from server.engine.inputs import InputProcessor
 from server.errors import APIError
 from server.metrics import Metrics
+from server.namespaces import resolve
+from server.rate_limit import RateLimiter
+from server.tenants import Principal, TenantRegistry
 
 
 @dataclass(frozen=True)
@@ -22,13 +25,16 @@ class AppState:
     metrics: Metrics
     created: int
     chat_template: ChatTemplate | None = None
+    tenants: TenantRegistry = field(default_factory=lambda: TenantRegistry(None))
+    limiter: RateLimiter = field(default_factory=RateLimiter)
 
-    def resolve_model(self, model: str) -> AdapterVersion | None:
-        """A request's `model`: None for the base model's id, else the adapter's newest version;
-        404 for anything else."""
+    def resolve_model(self, model: str, principal: Principal) -> AdapterVersion | None:
+        """A request's `model`: None for the base model's id, else the newest version of the
+        adapter the principal calls that; 404 for anything else (another tenant's adapter
+        included: the answer is the same as for a missing one)."""
         if model == self.settings.model_id:
             return None
-        version = self.store.latest(model)
+        version = resolve(self.store, principal, model)
         if version is None:
             raise APIError(
                 404, f"model {model!r} does not exist; GET /v1/models lists them", "model"

@@ -70,6 +70,7 @@ class Stream:
     prompt_len: int
     token_ids: list[int] = field(default_factory=list)
     admitted: float | None = None
+    tenant: str | None = None
 
 
 class EngineClient:
@@ -90,6 +91,7 @@ class EngineClient:
         self.running = False
         self._streams: dict[str, Stream] = {}
         self._n_waiting = 0  # accepted, no output yet: bounded by max_queue (429 beyond)
+        self._waiting_by: dict[str, int] = {}  # the same per tenant (tenants only)
         self._replies: dict[int, asyncio.Future[Any]] = {}
         self._reply_ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -204,14 +206,21 @@ class EngineClient:
         params: SamplingParams,
         request_id: str,
         queue: asyncio.Queue[StepOutput | BaseException] | None = None,
+        tenant: str | None = None,
     ) -> Stream:
         """Queue a request (already checked); its outputs go to `queue` (one per request
         unless given: the choices of a streamed request share one, to interleave).
-        QueueFull at the queue's bound, EngineUnavailable when the core is not running."""
+        QueueFull at the queue's bound, or when `tenant` already holds half of the queue (so
+        one tenant cannot fill it for all); EngineUnavailable when the core is not running."""
         if not self.running:
             raise EngineUnavailable("the engine is not running")
         if self._n_waiting >= self.max_queue:
             raise QueueFull(f"{self._n_waiting} requests are already waiting")
+        if tenant is not None and self._waiting_by.get(tenant, 0) >= max(1, self.max_queue // 2):
+            raise QueueFull(
+                f"tenant {tenant!r} already has {self._waiting_by[tenant]} requests waiting, "
+                "half of the queue"
+            )
         stream = Stream(
             request_id,
             time.perf_counter(),
@@ -219,10 +228,11 @@ class EngineClient:
             params,
             Detokenizer(self.inputs.tokenizer, params.stop),
             len(prompt_ids),
+            tenant=tenant,
         )
         self._streams[request_id] = stream
-        self._set_waiting(+1)
-        self._send(AddRequest(request_id, prompt_ids, version, params))
+        self._set_waiting(+1, tenant)
+        self._send(AddRequest(request_id, prompt_ids, version, params, tenant))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -231,7 +241,7 @@ class EngineClient:
         if stream is None:
             return
         if stream.admitted is None:
-            self._set_waiting(-1)
+            self._set_waiting(-1, stream.tenant)
         self._send_quietly(Abort(request_id))
 
     async def retire(self, name: str, keep: str | None = None) -> None:
@@ -280,9 +290,15 @@ class EngineClient:
         with contextlib.suppress(OSError, EOFError, ValueError):
             self._send(cmd)
 
-    def _set_waiting(self, delta: int) -> None:
+    def _set_waiting(self, delta: int, tenant: str | None = None) -> None:
         self._n_waiting += delta
         self.metrics.waiting.set(self._n_waiting)
+        if tenant is not None:
+            left = self._waiting_by.get(tenant, 0) + delta
+            if left > 0:
+                self._waiting_by[tenant] = left
+            else:
+                self._waiting_by.pop(tenant, None)
 
     # ------------------------------------------------------------------ outputs (event loop)
 
@@ -295,7 +311,7 @@ class EngineClient:
                 stream = self._streams.pop(m.request_id, None)
                 if stream is not None:
                     if stream.admitted is None:
-                        self._set_waiting(-1)
+                        self._set_waiting(-1, stream.tenant)
                     error = AdapterGone(m.message) if m.gone else RuntimeError(m.message)
                     stream.queue.put_nowait(error)
             elif isinstance(m, Reply):
@@ -309,7 +325,7 @@ class EngineClient:
             return
         if stream.admitted is None:
             stream.admitted = now
-            self._set_waiting(-1)
+            self._set_waiting(-1, stream.tenant)
             self.metrics.queue_time.observe(now - stream.arrival)
             self.metrics.prompt_tokens.inc(stream.prompt_len)
         stream.token_ids += out.new_token_ids
@@ -347,6 +363,7 @@ class EngineClient:
             stream.queue.put_nowait(EngineUnavailable("the engine stopped"))
         self._streams.clear()
         self._set_waiting(-self._n_waiting)
+        self._waiting_by.clear()
         for fut in self._replies.values():
             if not fut.done():
                 fut.set_exception(EngineUnavailable("the engine stopped"))

@@ -7,9 +7,9 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from server.deps import ApiKeyDep, StateDep
+from server.deps import PrincipalDep, StateDep
 from server.engine import RequestError, StepOutput
 from server.errors import APIError
 from server.openai_schemas import (
@@ -22,7 +22,8 @@ from server.openai_schemas import (
     ChatDelta,
     Usage,
 )
-from server.routes.generation import Row, collect, prepare, stream_response, submit, usage
+from server.routes.admission import start, with_limits
+from server.routes.generation import Row, collect, prepare, stream_response, usage
 from server.routes.logprob_format import chat_logprobs
 from server.routes.templating import render_chat
 from server.state import AppState
@@ -40,14 +41,12 @@ async def _prompt_ids(state: AppState, body: ChatCompletionRequest) -> list[int]
         raise APIError(400, str(e), "messages") from e
 
 
-@router.post(
-    "/v1/chat/completions", dependencies=[ApiKeyDep], response_model=ChatCompletionResponse
-)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse)
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, state: StateDep
+    body: ChatCompletionRequest, request: Request, state: StateDep, principal: PrincipalDep
 ) -> object:
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
-    version = state.resolve_model(body.model)
+    version = state.resolve_model(body.model, principal)
     if body.top_logprobs is not None and not body.logprobs:
         raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -55,11 +54,14 @@ async def chat_completions(
     ids, params = prepare(
         state, body, await _prompt_ids(state, body), max_tokens, logprobs=k, field="messages"
     )
-    rows = submit(state, version, [ids], [params], body.n, request_id, body.stream)
+    rows, lease = start(
+        state, request, principal, body.model, version, [ids], [params], body.n, request_id,
+        body.stream,
+    )
     created = int(time.time())
     tok = state.inputs.tokenizer
     if body.stream:
-        return await _stream(state, body, rows, request, request_id, created)
+        return with_limits(await _stream(state, body, rows, request, request_id, created), lease)
     results = await collect(state, rows, request)
     choices = [
         ChatChoice(
@@ -78,9 +80,9 @@ async def chat_completions(
         created=created,
         model=body.model,
         choices=choices,
-        usage=usage(rows, body.n, sum(len(r.token_ids) for r in results)),
+        usage=usage(rows, body.n, sum(len(r.token_ids) for r in results), request),
     )
-    return JSONResponse(resp.model_dump())
+    return with_limits(JSONResponse(resp.model_dump()), lease)
 
 
 async def _stream(
@@ -90,7 +92,7 @@ async def _stream(
     request: Request,
     request_id: str,
     created: int,
-) -> object:
+) -> Response:
     started: set[int] = set()
     tok = state.inputs.tokenizer
 

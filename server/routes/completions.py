@@ -9,9 +9,9 @@ import time
 import uuid
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
-from server.deps import ApiKeyDep, StateDep
+from server.deps import PrincipalDep, StateDep
 from server.engine import StepOutput
 from server.errors import APIError
 from server.openai_schemas import (
@@ -21,13 +21,13 @@ from server.openai_schemas import (
     CompletionResponse,
     Usage,
 )
+from server.routes.admission import start, with_limits
 from server.routes.generation import (
     Result,
     Row,
     collect,
     prepare,
     stream_response,
-    submit,
     usage,
 )
 from server.routes.logprob_format import CompletionLogprobsBuilder
@@ -54,10 +54,12 @@ def _echo_text(state: AppState, prompt: str | list[int]) -> str:
     return state.inputs.tokenizer.decode(prompt, skip_special_tokens=False)
 
 
-@router.post("/v1/completions", dependencies=[ApiKeyDep], response_model=CompletionResponse)
-async def completions(body: CompletionRequest, request: Request, state: StateDep) -> object:
+@router.post("/v1/completions", response_model=CompletionResponse)
+async def completions(
+    body: CompletionRequest, request: Request, state: StateDep, principal: PrincipalDep
+) -> object:
     request_id = f"cmpl-{uuid.uuid4().hex}"
-    version = state.resolve_model(body.model)
+    version = state.resolve_model(body.model, principal)
     if body.max_tokens == 0 and not body.echo:
         raise APIError(400, "max_tokens 0 generates nothing: use it with echo", "max_tokens")
     prompts = _prompts(body)
@@ -67,11 +69,15 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         prompt_ids, p = prepare(state, body, prompt, body.max_tokens, body.logprobs, prompt_lp)
         ids.append(prompt_ids)
         params.append(p)
-    rows = submit(state, version, ids, params, body.n, request_id, body.stream)
+    rows, lease = start(
+        state, request, principal, body.model, version, ids, params, body.n, request_id,
+        body.stream,
+    )
     created = int(time.time())
     echoes = [_echo_text(state, prompts[r.index // body.n]) if body.echo else "" for r in rows]
     if body.stream:
-        return await _stream(state, body, rows, echoes, request, request_id, created)
+        streamed = await _stream(state, body, rows, echoes, request, request_id, created)
+        return with_limits(streamed, lease)
     results = await collect(state, rows, request)
     choices = [
         _choice(state, body, row, res, echo)
@@ -82,9 +88,9 @@ async def completions(body: CompletionRequest, request: Request, state: StateDep
         created=created,
         model=body.model,
         choices=choices,
-        usage=usage(rows, body.n, sum(len(r.token_ids) for r in results)),
+        usage=usage(rows, body.n, sum(len(r.token_ids) for r in results), request),
     )
-    return JSONResponse(resp.model_dump())
+    return with_limits(JSONResponse(resp.model_dump()), lease)
 
 
 def _choice(
@@ -124,7 +130,7 @@ async def _stream(
     request: Request,
     request_id: str,
     created: int,
-) -> object:
+) -> Response:
     builders = {r.index: CompletionLogprobsBuilder(state.inputs.tokenizer) for r in rows}
     started: set[int] = set()
 

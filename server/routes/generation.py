@@ -8,6 +8,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -18,6 +19,7 @@ from server.engine.client import AdapterGone, EngineUnavailable, QueueFull, Stre
 from server.engine.outputs import TokenLogprob
 from server.errors import APIError, error_body
 from server.openai_schemas import SamplingFields, Usage
+from server.request_record import record_of
 from server.state import AppState
 
 # SamplingParams' messages start with the parameter's name.
@@ -106,6 +108,7 @@ def submit(
     n: int,
     request_id: str,
     stream: bool = False,
+    tenant: str | None = None,
 ) -> list[Row]:
     """Queue n choices per prompt (choice index = prompt * n + j; choice j seeded seed + j),
     all or none: 429 when the queue cannot take them. Streamed, every row's outputs go to one
@@ -126,7 +129,8 @@ def submit(
                 seeded = p if p.seed is None or j == 0 else replace(p, seed=p.seed + j)
                 index = i * n + j
                 rid = f"{request_id}-{index}"
-                rows.append(Row(index, ids, state.client.submit(ids, version, seeded, rid, shared)))
+                out = state.client.submit(ids, version, seeded, rid, shared, tenant=tenant)
+                rows.append(Row(index, ids, out))
     except (QueueFull, EngineUnavailable) as e:
         for r in rows:
             state.client.abort(r.stream.request_id)
@@ -167,6 +171,34 @@ class _ClientGone:
     """Queued by the disconnect watcher: the client went away."""
 
 
+class DeadlinePassed(Exception):
+    """The request's deadline (request_timeout_s) passed before it produced a token."""
+
+
+_TIMED_OUT = object()
+
+
+def _deadline(state: AppState, stream: Stream) -> float | None:
+    timeout = state.settings.request_timeout_s
+    return None if timeout is None else stream.arrival + timeout
+
+
+async def _next(queue: asyncio.Queue[Any], deadline: float | None) -> Any:
+    """The queue's next item, or _TIMED_OUT once the deadline (perf_counter time) passes."""
+    if deadline is None:
+        return await queue.get()
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.perf_counter())):
+            return await queue.get()
+    except TimeoutError:
+        return _TIMED_OUT
+
+
+def _cut(request_id: str) -> StepOutput:
+    """The last output of a row its deadline ended (OpenAI has no finish_reason for that)."""
+    return StepOutput(request_id, [], "", "length")
+
+
 async def _watch_disconnect(request: Request, stream: Stream) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
@@ -178,10 +210,17 @@ async def _outputs(state: AppState, stream: Stream, request: Request) -> AsyncIt
     watcher task listens for that, so waiting for tokens stays a bare queue read)."""
     tracker = _Tracker(state, stream)
     finished = False
+    deadline = _deadline(state, stream)
     watcher = asyncio.create_task(_watch_disconnect(request, stream))
     try:
         while True:
-            item = await stream.queue.get()
+            item = await _next(stream.queue, deadline)
+            if item is _TIMED_OUT:
+                state.metrics.requests.labels("timeout").inc()
+                if tracker.first is None:
+                    raise DeadlinePassed(stream.request_id)
+                yield _cut(stream.request_id)  # the row is aborted below
+                return
             if isinstance(item, _ClientGone):
                 state.metrics.requests.labels("abort").inc()
                 return
@@ -199,9 +238,17 @@ async def _outputs(state: AppState, stream: Stream, request: Request) -> AsyncIt
             state.client.abort(stream.request_id)
 
 
-def failed(e: Exception) -> APIError:
+def failed(e: Exception, state: AppState | None = None) -> APIError:
     if isinstance(e, AdapterGone):
         return APIError(404, f"{e}; GET /v1/models lists the adapters", "model")
+    if isinstance(e, DeadlinePassed):
+        timeout = None if state is None else state.settings.request_timeout_s
+        return APIError(
+            504,
+            f"the request did not start within the server's request timeout ({timeout} s): "
+            "the server is busy; retry later",
+            headers={"Retry-After": "1"},
+        )
     return APIError(503, f"generation failed: {e}")
 
 
@@ -218,7 +265,7 @@ class Result:
 
 async def collect(state: AppState, rows: list[Row], request: Request) -> list[Result]:
     """Every row's whole output (rows run concurrently in the engine; read in order)."""
-    results = []
+    results: list[Result] = []
     for row in rows:
         r = Result()
         try:
@@ -229,6 +276,12 @@ async def collect(state: AppState, rows: list[Row], request: Request) -> list[Re
                 if out.prompt_logprobs is not None:
                     r.prompt_logprobs = out.prompt_logprobs
                 r.finish_reason = out.finish_reason
+        except DeadlinePassed as e:
+            if not results:  # nothing started: 504; otherwise this choice is cut empty
+                for other in rows:
+                    state.client.abort(other.stream.request_id)
+                raise failed(e, state) from e
+            r.finish_reason = "length"
         except Exception as e:
             for other in rows:
                 state.client.abort(other.stream.request_id)
@@ -237,9 +290,15 @@ async def collect(state: AppState, rows: list[Row], request: Request) -> list[Re
     return results
 
 
-def usage(rows: list[Row], n: int, completion_tokens: int) -> Usage:
-    """Each prompt counts once, whatever n is (as OpenAI)."""
+def usage(
+    rows: list[Row], n: int, completion_tokens: int, request: Request | None = None
+) -> Usage:
+    """Each prompt counts once, whatever n is (as OpenAI); given the request, its access-log
+    record gets the counts too."""
     prompt = sum(len(r.prompt_ids) for r in rows[::n])
+    if request is not None:
+        record = record_of(request)
+        record.prompt_tokens, record.completion_tokens = prompt, completion_tokens
     return Usage(
         prompt_tokens=prompt,
         completion_tokens=completion_tokens,
@@ -272,7 +331,12 @@ async def stream_response(
             state.client.abort(rid)
         unfinished.clear()
 
-    first = await queue.get()
+    deadline = _deadline(state, rows[0].stream)
+    first = await _next(queue, deadline)
+    if first is _TIMED_OUT:
+        state.metrics.requests.labels("timeout").inc(len(unfinished))
+        abort_unfinished()
+        raise failed(DeadlinePassed(rows[0].stream.request_id), state)
     if isinstance(first, BaseException):
         state.metrics.requests.labels("error").inc()
         abort_unfinished()
@@ -294,7 +358,14 @@ async def stream_response(
                     if out.finished:
                         unfinished.discard(out.request_id)
                 if unfinished:
-                    item = await queue.get()
+                    item = await _next(queue, deadline)
+                    if item is _TIMED_OUT:  # each unfinished row ends with what it has
+                        state.metrics.requests.labels("timeout").inc(len(unfinished))
+                        for rid in list(unfinished):
+                            state.client.abort(rid)
+                            for chunk in render(by_id[rid], _cut(rid)):
+                                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+                        unfinished.clear()
         except Exception as e:  # mid-stream: an error event, then [DONE]
             errored = True
             err = failed(e)
@@ -303,8 +374,10 @@ async def stream_response(
             if unfinished and not errored:
                 state.metrics.requests.labels("abort").inc(len(unfinished))
             abort_unfinished()
+            # here, so the access log gets the counts of a stream cut short too
+            counts = usage(rows, n, completion_tokens, request)
         if usage_chunk is not None:
-            yield f"data: {json.dumps(usage_chunk(usage(rows, n, completion_tokens)))}\n\n"
+            yield f"data: {json.dumps(usage_chunk(counts))}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream")

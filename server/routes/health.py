@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from server.deps import StateDep
 from server.errors import APIError
+from server.lifecycle import lifecycle_of
 
 router = APIRouter()
 
@@ -17,7 +18,9 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-async def ready(state: StateDep) -> dict[str, str]:
+async def ready(request: Request, state: StateDep) -> dict[str, str]:
+    if lifecycle_of(request.app).draining:  # SIGTERM: leave the load balancer, keep serving
+        raise APIError(503, "the server is shutting down", headers={"Retry-After": "1"})
     if not state.client.running:
         raise APIError(503, "the engine is not running")
     return {"status": "ready", "model": state.settings.model_id}

@@ -3,9 +3,9 @@ adapter shares."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from server.deps import ApiKeyDep, StateDep
+from server.deps import PrincipalDep, StateDep, authenticate
 from server.engine import RequestError
 from server.errors import APIError
 from server.routes.templating import render_chat
@@ -20,14 +20,16 @@ from server.schemas import (
 router = APIRouter()
 
 
-@router.post("/tokenize", dependencies=[ApiKeyDep], response_model=TokenizeResponse)
-async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
+@router.post("/tokenize", response_model=TokenizeResponse)
+async def tokenize(
+    body: TokenizeRequest, state: StateDep, principal: PrincipalDep
+) -> TokenizeResponse:
     """A prompt, or messages rendered by the chat template (special tokens then default to
     off: the template writes them, as in /v1/chat/completions)."""
     if (body.prompt is None) == (body.messages is None):
         raise APIError(400, "give exactly one of prompt and messages", "prompt")
     if body.model is not None:
-        state.resolve_model(body.model)
+        state.resolve_model(body.model, principal)
     tok = state.inputs.tokenizer
     special = body.add_special_tokens
     if body.messages is not None:
@@ -46,10 +48,12 @@ async def tokenize(body: TokenizeRequest, state: StateDep) -> TokenizeResponse:
     )
 
 
-@router.post("/detokenize", dependencies=[ApiKeyDep], response_model=DetokenizeResponse)
-async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResponse:
+@router.post("/detokenize", response_model=DetokenizeResponse)
+async def detokenize(
+    body: DetokenizeRequest, state: StateDep, principal: PrincipalDep
+) -> DetokenizeResponse:
     if body.model is not None:
-        state.resolve_model(body.model)
+        state.resolve_model(body.model, principal)
     tok = state.inputs.tokenizer
     bad = [i for i in body.tokens if not 0 <= i < tok.vocab_size]
     if bad:
@@ -60,7 +64,7 @@ async def detokenize(body: DetokenizeRequest, state: StateDep) -> DetokenizeResp
     return DetokenizeResponse(prompt=tok.decode(body.tokens, skip_special_tokens=False))
 
 
-@router.get("/tokenizer_info", dependencies=[ApiKeyDep], response_model=TokenizerInfo)
+@router.get("/tokenizer_info", dependencies=[Depends(authenticate)], response_model=TokenizerInfo)
 async def tokenizer_info(state: StateDep) -> TokenizerInfo:
     tok = state.inputs.tokenizer
 

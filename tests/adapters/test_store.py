@@ -165,7 +165,9 @@ _VALID_CONFIG, _VALID_WEIGHTS = blobs()
 
 # (id, name, config bytes, weights bytes or a maker taking the marker path, field)
 REJECTED: list[tuple[str, str, bytes, Any, str | None]] = [
-    ("slash", "a/b", _VALID_CONFIG, _VALID_WEIGHTS, "name"),
+    ("slash", "a/b/c", _VALID_CONFIG, _VALID_WEIGHTS, "name"),
+    ("bad-tenant", "Acme/b", _VALID_CONFIG, _VALID_WEIGHTS, "name"),
+    ("tenant-dotdot", "acme/..", _VALID_CONFIG, _VALID_WEIGHTS, "name"),
     ("dotdot", "..", _VALID_CONFIG, _VALID_WEIGHTS, "name"),
     ("dot", ".", _VALID_CONFIG, _VALID_WEIGHTS, "name"),
     ("hidden", ".staging", _VALID_CONFIG, _VALID_WEIGHTS, "name"),

@@ -50,6 +50,7 @@ ERROR_TYPES = {
     413: "request_too_large",
     429: "rate_limit_error",
     503: "service_unavailable",
+    504: "timeout_error",
 }
 ANY = object()
 
@@ -264,3 +265,17 @@ class LiveServer:
         core = self.state.client.core
         assert core is not None, "the engine runs in its own process"
         return core.engine
+
+
+def slow_steps(live: LiveServer, seconds: float) -> Any:
+    """Make each engine step take `seconds` longer (the engine must run on a thread of the test:
+    engine_process=False), so requests surely overlap; returns the real step."""
+    engine = live.engine
+    real = engine.step
+
+    def slow() -> Any:
+        time.sleep(seconds)
+        return real()
+
+    engine.step = slow  # type: ignore[method-assign]
+    return real

@@ -53,13 +53,22 @@ def test_serve_refuses_bad_flags_with_exit_code_2(capsys: pytest.CaptureFixture[
 def test_chat_template_comes_from_the_flag_or_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    import uvicorn
-
+    import server.lifecycle
     import server.main
+
+    class NoServer:
+        started = True
+
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def run(self) -> None:
+            pass
 
     seen: list[Settings] = []
     monkeypatch.setattr(server.main, "create_app", lambda settings: seen.append(settings))
-    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: None)
+    monkeypatch.setattr(server.lifecycle, "GracefulServer", NoServer)
+    monkeypatch.setattr(server.lifecycle, "lifecycle_of", lambda app: None)
     # `serve` sets the root logger's level: keep it where it is
     monkeypatch.setenv("HOTLORA_LOG_LEVEL", logging.getLevelName(logging.getLogger().level))
     assert main(["serve", "--chat-template", str(tmp_path / "flag.jinja")]) == 0

@@ -14,7 +14,7 @@ import pytest
 from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
 from server.config import Settings
 from server.engine import Engine, EngineConfig, SamplingParams
-from tests.server.support import LiveServer, free_port
+from tests.server.support import LiveServer, free_port, slow_steps
 
 openai = pytest.importorskip("openai")
 MODEL = "hotlora-demo"
@@ -118,19 +118,6 @@ def test_concurrent_requests_over_many_adapters_equal_solo_greedy(
         assert text == want, (adapter, prompt)
 
 
-def _slow_steps(live: LiveServer, seconds: float) -> Any:
-    """Make each engine step take a while, so a stream is surely running during an admin call."""
-    engine = live.engine
-    real = engine.step
-
-    def slow() -> Any:
-        time.sleep(seconds)
-        return real()
-
-    engine.step = slow  # type: ignore[method-assign]
-    return real
-
-
 def test_hot_swap_and_delete_while_a_stream_runs(live: LiveServer, client: Any) -> None:
     v1 = _upload(live, "swap", DEMO_ADAPTERS / "reverse")
     assert v1["version"] == 1
@@ -139,7 +126,7 @@ def test_hot_swap_and_delete_while_a_stream_runs(live: LiveServer, client: Any) 
     old_text = _solo(DEMO_ADAPTERS / "reverse", prompt, n, ignore_eos=True)
     new_text = _solo(DEMO_ADAPTERS / "upper", prompt, n, ignore_eos=True)
     assert old_text != new_text
-    real = _slow_steps(live, 0.01)
+    real = slow_steps(live, 0.01)
     try:
 
         def swap(stream: bool) -> Any:
@@ -182,7 +169,7 @@ def test_hot_swap_and_delete_while_a_stream_runs(live: LiveServer, client: Any) 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_client_that_disconnects_frees_its_row(live: LiveServer, stream: bool) -> None:
-    real = _slow_steps(live, 0.02)  # 100 tokens would take >= 2 s
+    real = slow_steps(live, 0.02)  # 100 tokens would take >= 2 s
     body = {
         "model": "reverse",
         "prompt": prompt_for("gone"),
