@@ -9,7 +9,6 @@ it has a core and a GIL of its own. Outputs carry token ids, not text: the API d
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing.connection as mpc
 import queue
 import signal
@@ -25,13 +24,13 @@ from adapters.cache import ByteLRU
 from adapters.store import AdapterVersion
 from server.engine.config import EngineConfig
 from server.engine.engine import Engine
+from server.engine.fairness import TenantRows
 from server.engine.outputs import StepOutput
 from server.engine.sampling import SamplingParams
 from server.metrics import CoreMetrics
 
 log = logging.getLogger(__name__)
 _GAUGE_PERIOD_S = 0.1  # gauges are refreshed at most this often (and before every render)
-_RECENT_S = 10.0  # a tenant that sent a request this recently counts as active
 
 
 # ---------------------------------------------------------------------------- messages
@@ -43,7 +42,7 @@ class AddRequest:
     prompt_ids: list[int]
     version: AdapterVersion | None
     params: SamplingParams
-    tenant: str | None = None  # admission is fair among tenants (None: one shared queue)
+    tenant: str | None = None  # admission is fair among tenants (server/engine/fairness.py)
 
 
 @dataclass(frozen=True)
@@ -143,17 +142,10 @@ class EngineCore:
     ) -> None:
         self.engine, self.cache, self.config, self.metrics = engine, cache, config, metrics
         self._pending: list[AddRequest] = []
-        self._live: dict[str, str | None] = {}  # requests inside the engine -> their tenant
-        self._rows: dict[str | None, int] = {}  # requests inside the engine per tenant
-        self._seen: dict[str | None, float] = {}  # tenant -> when it last sent a request
-        # tenant -> the most rows it held at once lately, and since when (reset after
-        # _RECENT_S): how much room it needs kept free while another tenant floods
-        self._peak: dict[str | None, tuple[int, float]] = {}
+        self.rows = TenantRows(engine.config.max_batch)  # requests inside the engine, fairness
         self._loads: dict[str, _Load] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="hotlora-adapter-load")
         self._out: list[Message] = []
-        self._admitted = 0  # admissions so far; _last_turn[tenant] = the count at its last
-        self._last_turn: dict[str | None, int] = {}
         self._gauges_at = 0.0
         self.stopped = False
 
@@ -182,8 +174,7 @@ class EngineCore:
     def handle(self, cmd: Command) -> None:
         if isinstance(cmd, AddRequest):
             self._pending.append(cmd)
-            if cmd.tenant is not None:
-                self._seen[cmd.tenant] = time.monotonic()
+            self.rows.seen(cmd.tenant)
         elif isinstance(cmd, Abort):
             self._abort(cmd.request_id)
         elif isinstance(cmd, Retire):
@@ -229,21 +220,7 @@ class EngineCore:
                 self._pending.remove(p)
                 return
         if self.engine.abort_request(request_id):
-            self._leave(request_id)
-
-    def _fair_order(self) -> list[AddRequest]:
-        """Pending requests, tenants taking turns (the one served longest ago first), each
-        tenant's in arrival order: a tenant flooding the queue delays only itself."""
-        if not self._pending or all(p.tenant is None for p in self._pending):
-            return self._pending
-        queues: dict[str | None, list[AddRequest]] = {}
-        for p in self._pending:
-            queues.setdefault(p.tenant, []).append(p)
-        turns = sorted(queues.values(), key=lambda q: self._last_turn.get(q[0].tenant, -1))
-        order: list[AddRequest] = []
-        for i in range(max(len(q) for q in turns)):
-            order.extend(q[i] for q in turns if i < len(q))
-        return order
+            self.rows.leave(request_id)
 
     def _admit(self) -> None:
         """Move pending requests into the engine as rows free up, fairly among tenants; an
@@ -252,10 +229,10 @@ class EngineCore:
         still: set[str] = set()
         failed: dict[str, Rejected] = {}
         rows = self.engine.kv.free_rows - self.engine.num_waiting
-        share = self._fair_share()
-        for p in self._fair_order():
+        share = self.rows.share()
+        for p in self.rows.order(self._pending):
             version = p.version
-            if rows <= 0 or not self._may_take_row(p.tenant, rows, share):
+            if rows <= 0 or not self.rows.may_take(p.tenant, rows, share):
                 # It waits for a row; its adapter is read meanwhile, but takes no slot: a
                 # resident adapter of a request that cannot run would only be evicted.
                 if version is not None and version.key not in self.engine.residents:
@@ -278,14 +255,7 @@ class EngineCore:
                 self._out.append(Rejected(p.request_id, str(e)))
                 continue
             rows -= 1
-            self._admitted += 1
-            self._last_turn[p.tenant] = self._admitted
-            self._live[p.request_id] = p.tenant
-            self._rows[p.tenant] = held = self._rows.get(p.tenant, 0) + 1
-            peak, since = self._peak.get(p.tenant, (0, 0.0))
-            now = time.monotonic()
-            if held >= peak or now - since > _RECENT_S:
-                self._peak[p.tenant] = (held, now)
+            self.rows.enter(p.request_id, p.tenant)
         self._pending = [p for p in self._pending if p.request_id in still]
 
     def _start_load(self, version: AdapterVersion) -> _Load:
@@ -343,7 +313,7 @@ class EngineCore:
         self.metrics.batch_size.labels("prefill" if prefill else "decode").observe(len(outs))
         for out in outs:
             if out.finished:
-                self._leave(out.request_id)
+                self.rows.leave(out.request_id)
         self._out.extend(outs)
 
     def _merge_policy(self) -> None:
@@ -373,46 +343,10 @@ class EngineCore:
                 log.info("merged hot adapter %s (%d of %d running rows)", top, rows, total)
 
     def _fail_all(self, message: str) -> None:
-        for rid in list(self._live):
+        for rid in list(self.rows.live):
             self.engine.abort_request(rid)
             self._out.append(Rejected(rid, message))
-        self._live.clear()
-        self._rows.clear()
-
-    def _leave(self, request_id: str) -> None:
-        if request_id in self._live:
-            tenant = self._live.pop(request_id)
-            left = self._rows[tenant] - 1
-            if left:
-                self._rows[tenant] = left
-            else:
-                del self._rows[tenant]
-
-    def _fair_share(self) -> float | None:
-        """Rows per active tenant (one that sent a request in the last _RECENT_S seconds);
-        None while fewer than two are active (then anyone may take any free row)."""
-        now = time.monotonic()
-        active = sum(1 for t, at in self._seen.items() if t is not None and now - at < _RECENT_S)
-        return None if active < 2 else self.engine.config.max_batch / active
-
-    def _may_take_row(self, tenant: str | None, free: int, share: float | None) -> bool:
-        """Whether a tenant's request may take one of `free` rows. A tenant below its fair
-        share may take any. One above it must leave free what the other active tenants
-        lately needed: for each, one row more than the most it held at once in the last
-        _RECENT_S (up to its share) less what it holds now, and at least one. So a tenant that
-        arrives while another floods the server finds a row at once instead of waiting for
-        one to finish (rows are not preempted)."""
-        held = self._rows.get(tenant, 0)
-        if share is None or tenant is None or held < share:
-            return True
-        now, room = time.monotonic(), 0
-        for other, seen in self._seen.items():
-            if other is None or other == tenant or now - seen >= _RECENT_S:
-                continue
-            peak, since = self._peak.get(other, (0, 0.0))
-            peak = peak if now - since <= _RECENT_S else 0
-            room += max(1, min(peak + 1, math.ceil(share)) - self._rows.get(other, 0))
-        return free - 1 >= room
+            self.rows.leave(rid)
 
     def _update_gauges(self) -> None:
         m, e = self.metrics, self.engine

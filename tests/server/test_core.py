@@ -97,13 +97,13 @@ def test_a_flooding_tenant_leaves_rows_for_the_others() -> None:
     loop.tick()
     assert engine.num_running == 8  # alone, a tenant may fill every row
     loop.handle(AddRequest("b0", ids, None, short, "b"))
-    while "b0" not in loop._live:
+    while "b0" not in loop.rows.live:
         loop.tick()  # b0 waits for one of a's rows to finish ...
     for _ in range(20):
         loop.tick()  # ... and from then on a leaves 2 rows (b's peak of 1, plus 1) free
-        assert loop._rows.get("a", 0) <= 6
-    assert "b0" not in loop._live and engine.num_running == 6
+        assert loop.rows.held("a") <= 6
+    assert "b0" not in loop.rows.live and engine.num_running == 6
     loop.handle(AddRequest("b1", ids, None, short, "b"))
     loop.handle(AddRequest("b2", ids, None, short, "b"))
     loop.tick()
-    assert {"b1", "b2"} <= set(loop._live)  # both found a free row
+    assert {"b1", "b2"} <= set(loop.rows.live)  # both found a free row
