@@ -1,99 +1,106 @@
-"""1 vs N engine replicas on Ray Serve (server/ray_app.py), the demo model, through the ingress.
+"""1 vs N engine replicas on Ray Serve: the serving benchmark through the ingress.
 
-    python load_tests/bench_replicas.py --replicas 1 2 --requests 64 --concurrency 16
+    python load_tests/bench_replicas.py                       # 1 and 2 replicas, N = 32
+    python load_tests/bench_replicas.py --replicas 1 2 -N 32 --alpha 0.5 --num-requests 256
 
-For each replica count: a local Ray cluster (--num-cpus), the demo adapters uploaded by the
-store seeding, `--requests` greedy completions over the demo adapters (round robin) with
-`--concurrency` in flight; prints requests/s, generated tokens/s and p50/p99 latency, and how
-the requests spread over the replicas (X-Hotlora-Replica). (Hot-swap propagation per replica is
-measured by tests/ray/test_ray_serve.py, which prints it with -s.)
+For each replica count: `hotlora serve --replicas R` (a local Ray cluster, one CPU per replica,
+a fresh adapter store) and `load_tests/bench_serving.py --url` against it: N random rank-16
+adapters uploaded through the ingress, power-law popularity, streamed requests. Prints request
+and token throughput, p99 TTFT, how the requests spread over the replicas
+(`X-Hotlora-Replica` is not visible to bench_serving, so this comes from each replica's
+`hotlora_requests_total`), and each replica's adapter loads from disk
+(`hotlora_adapter_loads_total{tier="disk"}` in the ingress' per-replica /metrics): with
+affinity the total stays near N, not N x replicas.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import tempfile
-import time
-from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-NAMES = ["pirate", "reverse", "upper", "upper-deu"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-
-def _run(replicas: int, args: argparse.Namespace) -> dict[str, Any]:
-    import ray
-    from ray import serve
-
-    from adapters.demo_tasks import DEMO_MODEL, prompt_for
-    from server.config import Settings
-    from server.ray_app import REPLICA_HEADER, application
-    from tests.server.support import free_port
-
-    root = Path(tempfile.mkdtemp(prefix="hotlora-bench-"))
-    settings = Settings(
-        model=DEMO_MODEL, adapter_store=root / "store", replicas=replicas,
-        replica_num_cpus=args.num_cpus / replicas, engine_process=False,
-        engine_threads=max(1, args.num_cpus // replicas), access_log=False,
-    )  # fmt: skip
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(application(settings), name="hotlora", route_prefix="/")
-        url = f"http://127.0.0.1:{port}/v1/completions"
-
-        def one(i: int) -> tuple[float, int, str]:
-            body = {"model": NAMES[i % len(NAMES)], "prompt": prompt_for("adapters"),
-                    "max_tokens": 24, "temperature": 0}  # fmt: skip
-            t = time.perf_counter()
-            r = httpx.post(url, json=body, timeout=120)
-            r.raise_for_status()
-            tokens = r.json()["usage"]["completion_tokens"]
-            return time.perf_counter() - t, tokens, r.headers[REPLICA_HEADER]
-
-        for i in range(len(NAMES)):  # warm-up: each adapter placed and resident
-            one(i)
-            time.sleep(0.5)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(args.concurrency) as pool:
-            results = list(pool.map(one, range(args.requests)))
-        wall = time.perf_counter() - start
-        lat = sorted(r[0] for r in results)
-        out = {
-            "replicas": replicas,
-            "requests_per_s": round(args.requests / wall, 2),
-            "tokens_per_s": round(sum(r[1] for r in results) / wall, 1),
-            "p50_s": round(statistics.median(lat), 3),
-            "p99_s": round(lat[min(len(lat) - 1, int(0.99 * len(lat)))], 3),
-            "per_replica": dict(Counter(r[2] for r in results)),
-        }
-        print(json.dumps(out))
-        return out
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+from load_tests import bench_serving  # noqa: E402
+from load_tests.common import DEMO_MODEL, ServerProcess, machine_info  # noqa: E402
 
 
-def main() -> None:
+def per_replica(url: str) -> dict[str, dict[str, float]]:
+    """Each replica's disk loads and finished requests, from the ingress' merged /metrics."""
+    out: dict[str, dict[str, float]] = defaultdict(lambda: {"disk_loads": 0.0, "requests": 0.0})
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            replica = s.labels.get("replica")
+            if replica is None or not s.name.endswith("_total"):
+                continue
+            if fam.name == "hotlora_adapter_loads" and s.labels.get("tier") == "disk":
+                out[replica]["disk_loads"] += s.value
+            elif fam.name == "hotlora_requests" and s.labels.get("outcome") in ("stop", "length"):
+                out[replica]["requests"] += s.value
+    return dict(out)
+
+
+def run(replicas: int, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    env = {"HOTLORA_MAX_ADAPTERS": str(args.max_adapters), "HOTLORA_ACCESS_LOG": "false",
+           "HOTLORA_SEED_DEMO_ADAPTERS": "false"}  # fmt: skip
+    with ServerProcess(
+        "hotlora", DEMO_MODEL, extra_args=["--replicas", str(replicas)], env=env,
+        store=tmp / f"store-{replicas}", startup_timeout=300,
+    ) as srv:  # fmt: skip
+        before = per_replica(srv.url)
+        name = f"replicas-{replicas}"
+        bench_serving.main([
+            "--url", srv.url, "-N", str(args.num_adapters), "--alpha", str(args.alpha),
+            "--num-requests", str(args.num_requests), "--concurrency", str(args.concurrency),
+            "--prompt-len", "8:32", "--output-len", "16:48", "--out-dir", str(tmp),
+            "--name", name, "--quiet",
+        ])  # fmt: skip
+        after = per_replica(srv.url)
+    doc = json.loads((tmp / f"{name}.json").read_text())
+    summary = doc["runs"][0]["summary"]
+    spread = {
+        r: {k: after[r][k] - before.get(r, {}).get(k, 0.0) for k in after[r]} for r in after
+    }
+    return {"replicas": replicas, "summary": summary, "per_replica": spread}
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--replicas", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--num-adapters", "-N", type=int, default=32)
+    ap.add_argument("--alpha", type=float, default=0.5, help="power law (1 = uniform)")
+    ap.add_argument("--num-requests", type=int, default=256)
     ap.add_argument("--concurrency", type=int, default=16)
-    ap.add_argument("--num-cpus", type=int, default=2)
-    args = ap.parse_args()
-    rows = [_run(n, args) for n in args.replicas]
-    base = rows[0]["tokens_per_s"]
+    ap.add_argument("--max-adapters", type=int, default=16, help="device slots per replica")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    print(json.dumps(machine_info()))
+    with tempfile.TemporaryDirectory(prefix="hotlora-replicas-") as d:
+        rows = [run(r, args, Path(d)) for r in args.replicas]
+    base = rows[0]["summary"]
+    print(f"\nN={args.num_adapters} adapters, alpha {args.alpha}, {args.num_requests} requests, "
+          f"concurrency {args.concurrency}, {args.max_adapters} slots per replica")
     for row in rows:
-        print(f"{row['replicas']} replicas: {row['requests_per_s']} req/s, "
-              f"{row['tokens_per_s']} tok/s (x{row['tokens_per_s'] / base:.2f}), "
-              f"p50 {row['p50_s']} s, p99 {row['p99_s']} s, {row['per_replica']}")  # fmt: skip
+        s = row["summary"]
+        loads = {r[:8]: int(v["disk_loads"]) for r, v in row["per_replica"].items()}
+        reqs = {r[:8]: int(v["requests"]) for r, v in row["per_replica"].items()}
+        print(f"{row['replicas']} replica(s): {s['request_throughput']:.2f} req/s "
+              f"(x{s['request_throughput'] / base['request_throughput']:.2f}), "
+              f"{s['output_throughput']:.0f} tok/s, p99 TTFT {s['ttft_ms']['p99']:.0f} ms, "
+              f"errors {s['errors']}; requests per replica {reqs}; disk loads per replica "
+              f"{loads} (total {sum(loads.values())})")  # fmt: skip
+    if args.out:
+        args.out.write_text(json.dumps(rows, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

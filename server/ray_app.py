@@ -366,9 +366,15 @@ def __getattr__(name: str) -> Any:
 
 
 def serve_forever(settings: Settings) -> int:
-    """`hotlora serve --replicas N`: start or join Ray, deploy, block until interrupted."""
+    """`hotlora serve --replicas N`: start or join Ray, deploy, block until SIGINT or SIGTERM
+    (both shut Serve and a Ray cluster this process started down)."""
+    import signal
     import time
 
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
     ray.init(address=settings.ray_address, ignore_reinit_error=True)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
