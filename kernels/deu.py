@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.lora import LoRAMeta
+from kernels.lora import LoRAMeta, add_rows
 
 # Parameter rows of a DEU parameter tensor (6, n): the paper's five and the gain.
 PARAMS = ("a", "b", "c", "c1", "c2", "gain")
@@ -200,7 +200,7 @@ def _apply_gathered(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
         else:
             tok = tokens[i : i + _CPU_ROWS]
             delta = _delta(h.index_select(0, tok), bank.index_select(1, slots[i : i + _CPU_ROWS]))
-            y.index_add_(0, tok, delta.to(y.dtype))
+            add_rows(y, tok, delta)
 
 
 def _apply_runs(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
@@ -217,7 +217,8 @@ def _delta(h: Tensor, planes: Tensor) -> Tensor:
 
 
 def _add_delta(y: Tensor, h: Tensor, planes: Tensor) -> None:
-    """y += g * D(h) in place (y a view into the caller's rows)."""
+    """y += g * D(h) in place (y a view into the caller's rows); a half y takes the fp32
+    delta and rounds once, with no conversion op."""
     # Not y.addcmul_: its fused multiply-add rounds differently in vector and scalar-tail
     # lanes, so a row's bits would depend on the batch around it.
-    y += _delta(h, planes).to(y.dtype)
+    y += _delta(h, planes)

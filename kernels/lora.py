@@ -149,6 +149,8 @@ def build_lora_meta(
             raise ValueError("token_slots must be a flat sequence of ints")
     if ts.numel() and int(ts.min()) < -1:
         raise ValueError(f"token_slots must be >= -1 (-1 = no adapter), got {int(ts.min())}")
+    if ts.numel() == 0 or int(ts.max()) < 0:
+        return _empty_meta(ts, device)
 
     active = ts >= 0  # (T,)
     active_tokens = torch.nonzero(active).squeeze(1)  # (N,)
@@ -220,6 +222,32 @@ def build_lora_meta(
         cpu_plan_rowwise=plan_rowwise,
         max_slot=seg_slots_host[-1] if seg_slots_host else -1,
         gather_rows=gather_rows,
+    )
+
+
+def _empty_meta(ts: Tensor, device: torch.device | str) -> LoRAMeta:
+    """The meta of a step with no adapter token: its slots on the device and nothing else (the
+    sorting and tiling of build_lora_meta would cost ~40 ops per step for no work)."""
+    none = torch.empty(0, dtype=torch.long, device=device)
+    return LoRAMeta(
+        token_slots=ts.to(device),
+        sorted_tokens=none,
+        seg_slots=none,
+        seg_starts=torch.zeros(1, dtype=torch.long, device=device),
+        seg_slots_host=(),
+        seg_starts_host=(0,),
+        active_tokens=none,
+        active_slots=none,
+        run_slots_host=(),
+        run_starts_host=(),
+        run_ends_host=(),
+        tile_slots=none,
+        tile_starts=none,
+        tile_ends=none,
+        block_m=_MIN_BLOCK_M,
+        cpu_plan="runs",
+        cpu_plan_rowwise="runs",
+        max_slot=-1,
     )
 
 
@@ -302,12 +330,11 @@ def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta:
         sgmv_expand(y, sgmv_shrink(x, A, meta), B, scales, meta)
         return
     if x.dtype in _HALF_DTYPES and x.device.type == "cpu":
-        # The low-rank products run in fp32: only x and y are converted per call (the engine
-        # keeps CPU slot buffers in fp32). fp32 holds every fp16/bf16 value exactly, so rows
-        # without an adapter round-trip bit-exactly through y32.
-        y32 = y.float()  # (T, d_out)
-        _torch_apply(y32, x.float(), A.float(), B.float(), scales, meta)
-        y.copy_(y32)
+        # The low-rank products run in fp32 (the engine keeps CPU slot buffers in fp32, so only
+        # x is converted per call); every path adds its fp32 delta into the half y in one op
+        # that rounds once, as converting y, adding and converting back would, without the two
+        # whole-y copies. Rows without an adapter are never written.
+        _torch_apply(y, x.float(), A.float(), B.float(), scales, meta)
         return
     _torch_apply(y, x, A, B, scales, meta)
 
@@ -332,7 +359,10 @@ def _apply_runs(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta
     sc = scales.tolist()
     for k, a, b in zip(meta.run_slots_host, meta.run_starts_host, meta.run_ends_host, strict=True):
         h = torch.mm(x[a:b], A[k].t())  # (n, R)
-        y[a:b].addmm_(h, B[k].t(), alpha=sc[k])
+        if y.dtype == h.dtype:
+            y[a:b].addmm_(h, B[k].t(), alpha=sc[k])
+        else:  # a half y: add the fp32 delta, rounding once
+            y[a:b].add_(torch.mm(h, B[k].t()), alpha=sc[k])
 
 
 def _apply_segments(
@@ -342,7 +372,7 @@ def _apply_segments(
     n = meta.num_active
     xs = x.index_select(0, meta.sorted_tokens)  # (N, d_in)
     h = torch.empty((n, A.shape[1]), dtype=x.dtype, device=x.device)  # (N, R)
-    delta = torch.empty((n, y.shape[1]), dtype=y.dtype, device=y.device)  # (N, d_out)
+    delta = torch.empty((n, y.shape[1]), dtype=x.dtype, device=y.device)  # (N, d_out)
     sc = scales.tolist()
     st = meta.seg_starts_host
     for i, k in enumerate(meta.seg_slots_host):
@@ -350,7 +380,7 @@ def _apply_segments(
         torch.mm(xs[a:b], A[k].t(), out=h[a:b])
         # beta=0 ignores the (uninitialised) input, so this is delta = s * h @ B^T in one op.
         torch.addmm(delta[a:b], h[a:b], B[k].t(), beta=0, alpha=sc[k], out=delta[a:b])
-    y.index_add_(0, meta.sorted_tokens, delta)
+    add_rows(y, meta.sorted_tokens, delta)
 
 
 def _rows_contiguous(W: Tensor) -> bool:
@@ -373,9 +403,19 @@ def _apply_gathered(
     h.mul_(scales.index_select(0, slots).unsqueeze(1))
     delta = _slot_matvec(h, B, slots, meta.gather_rows)  # (N, d_out)
     if meta.all_active:
-        y.add_(delta)
+        y.add_(delta)  # a half y takes the fp32 delta and rounds once
     else:
-        y.index_add_(0, meta.active_tokens, delta)
+        add_rows(y, meta.active_tokens, delta)
+
+
+def add_rows(y: Tensor, tokens: Tensor, delta: Tensor) -> None:
+    """y[tokens] += delta for distinct tokens; a half y adds an fp32 delta, rounding once."""
+    if delta.dtype == y.dtype:
+        y.index_add_(0, tokens, delta)
+        return
+    rows = y.index_select(0, tokens)  # (N, d_out)
+    rows.add_(delta)
+    y.index_copy_(0, tokens, rows)
 
 
 def _slot_matvec(

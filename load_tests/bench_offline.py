@@ -177,17 +177,15 @@ def row_adapters(names: list[str], distinct: int, batch: int) -> list[str | None
     return [names[i % distinct] for i in range(batch)]
 
 
-def bench_hotlora(
+def make_engine(
     root: Path,
     names: dict[str, list[str]],
     shape: dict[str, int],
     rank: int,
-    distincts: list[int],
-    repeats: int,
     device: str = "cpu",
     dtype: str = "float32",
-) -> dict[str, dict[int, float]]:
-    """tokens/s per adapter kind and number of distinct adapters in the batch (0 = base)."""
+) -> Engine:
+    """An engine on root/base sized for the workload, with every named adapter resident."""
     every = [n for kind_names in names.values() for n in kind_names]
     engine = Engine.from_pretrained(
         root / "base",
@@ -202,11 +200,27 @@ def bench_hotlora(
     )
     for n in every:
         engine.add_adapter(n, root / n)
+    return engine
+
+
+def bench_prompts(shape: dict[str, int]) -> list[list[int]]:
+    """The workload's seeded random prompts (batch x prompt tokens)."""
     gen = torch.Generator().manual_seed(1)
-    prompts = [
+    return [
         torch.randint(0, shape["vocab_size"], (shape["prompt"],), generator=gen).tolist()
         for _ in range(shape["batch"])
     ]
+
+
+def bench_hotlora(
+    engine: Engine,
+    names: dict[str, list[str]],
+    shape: dict[str, int],
+    distincts: list[int],
+    repeats: int,
+) -> dict[str, dict[int, float]]:
+    """tokens/s per adapter kind and number of distinct adapters in the batch (0 = base)."""
+    prompts = bench_prompts(shape)
     params = SamplingParams(max_tokens=shape["new"], temperature=0.0, ignore_eos=True)
     engine.generate(prompts[:2], params=params)  # warm-up
     runs = [(kind, d) for kind in names for d in distincts if d > 0 or kind == "lora"]
@@ -311,24 +325,31 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def build_kinds(
+    root: Path, model: BenchModel, shape: dict[str, int], n: int, rank: int, kinds: list[str]
+) -> tuple[Any, dict[str, list[str]]]:
+    """The base and n adapters of every kind asked for (LoRA always: peft runs it)."""
+    base, lora_names = build(root, model, shape, n, rank)
+    names = {"lora": lora_names}
+    if {"deu", "lora+deu"} & set(kinds):
+        deu_names = build_deu(root, lora_names, rank)
+        names |= {"deu": deu_names[0::2], "lora+deu": deu_names[1::2]}
+    return base, {k: v for k, v in names.items() if k == "lora" or k in kinds}
+
+
 def run(
     args: argparse.Namespace, shape: dict[str, int], distincts: list[int], repeats: int
 ) -> tuple[dict[str, dict[int, float]], dict[int, float]]:
     """Build the base and adapters in a temporary directory; hotlora's and peft's tok/s."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        base, lora_names = build(root, MODELS[args.model], shape, max(distincts), args.rank)
-        names = {"lora": lora_names}
-        if {"deu", "lora+deu"} & set(args.kinds):
-            deu_names = build_deu(root, lora_names, args.rank)
-            names |= {"deu": deu_names[0::2], "lora+deu": deu_names[1::2]}
-        names = {k: v for k, v in names.items() if k == "lora" or k in args.kinds}
-        hot = bench_hotlora(
-            root, names, shape, args.rank, distincts, repeats, args.device, args.dtype
-        )
+        model = MODELS[args.model]
+        base, names = build_kinds(root, model, shape, max(distincts), args.rank, args.kinds)
+        engine = make_engine(root, names, shape, args.rank, args.device, args.dtype)
+        hot = bench_hotlora(engine, names, shape, distincts, repeats)
         if args.skip_peft:
             return hot, {}
-        return hot, bench_peft(root, base, lora_names, shape, distincts, repeats, args.dtype)
+        return hot, bench_peft(root, base, names["lora"], shape, distincts, repeats, args.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -84,7 +84,7 @@ def read_state_dict(model_dir: Path, family: Family, cfg: ModelSpec) -> dict[str
             if ours is not None:
                 if ours in state:
                     raise ModelLoadError(f"{model_dir}: {key} appears twice")
-                state[ours] = tensor
+                state[ours] = family.tensor(ours, tensor)
     return state
 
 

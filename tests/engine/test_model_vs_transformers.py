@@ -110,3 +110,25 @@ def test_bad_model_dirs_raise_model_load_error(tmp_path: Path, corrupt: str) -> 
         target = tmp_path / "model.safetensors"
     with pytest.raises(ModelLoadError):
         Engine.from_pretrained(target)
+
+
+def test_conv1d_weights_run_transposed_and_save_back_bit_exact(tmp_path: Path) -> None:
+    """GPT-2's [in, out] projection weights are held [out, in] (contiguous, the fast GEMM
+    layout) and written back in the checkpoint's layout: a load-save round trip is bit-exact."""
+    from safetensors.torch import load_file
+
+    from server.engine.loader import save_model
+
+    hf = make_hf_model(tmp_path / "src", n_embd=45, n_head=3, n_inner=80)
+    model, _ = load_model(tmp_path / "src", torch.device("cpu"), torch.float32)
+    for name, conv in hf.transformer.h[1].named_modules():
+        if name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            ours = model.get_submodule(f"h.1.{name}").weight
+            assert ours.is_contiguous() and torch.equal(ours, conv.weight.T), name
+    save_model(model, tmp_path / "dst")  # type: ignore[arg-type]
+    src = load_file(str(tmp_path / "src" / "model.safetensors"))
+    dst = load_file(str(tmp_path / "dst" / "model.safetensors"))
+    src = {k: v for k, v in src.items() if k in dst}  # buffers and the tied head are not ours
+    assert src.keys() == dst.keys() and len(dst) == 4 + 12 * 2
+    for key, tensor in dst.items():
+        assert tensor.shape == src[key].shape and torch.equal(tensor, src[key]), key

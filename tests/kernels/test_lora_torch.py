@@ -80,6 +80,30 @@ def test_half_activations_with_float32_weights_on_cpu(dtype: torch.dtype, patter
                    build_lora_meta(case.slots, "cpu"))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("plan", ["segments", "gathered"])
+@pytest.mark.parametrize("pattern", ["interleaved", "runs", "distinct", "one_slot"])
+def test_half_y_takes_the_fp32_delta_rounded_once(
+    dtype: torch.dtype, plan: str, pattern: str
+) -> None:
+    """A half y gets round(float(y) + delta32) bit for bit, delta32 the same plan's fp32 delta,
+    with no whole-y conversion; rows without an adapter keep their bits. (The runs plan adds
+    s * (h B^T) where fp32 fuses it into addmm, so its bits are checked by tolerance only.)"""
+    case = with_storage(
+        make_case(T=24, d_in=40, d_out=72, R=8, S=24, pattern=pattern, dtype=dtype), "transposed"
+    )
+    A32, B32 = case.A.float(), case.B.float()
+    meta = build_lora_meta(case.slots, "cpu").with_cpu_plan(plan)  # type: ignore[arg-type]
+    delta32 = torch.zeros(case.y.shape)
+    lora_apply(delta32, case.x.float(), A32, B32, case.scales, meta)
+    y = case.y.clone()
+    lora_apply(y, case.x, A32, B32, case.scales, meta)
+    assert torch.equal(y, (case.y.float() + delta32).to(dtype))
+    idle = torch.tensor(case.slots) < 0
+    assert torch.equal(y[idle], case.y[idle])
+    assert_matches(y, case, dtype)
+
+
 @pytest.mark.parametrize("storage", STORAGES)
 def test_precomputed_gather_rows_give_the_same_bits(storage: str) -> None:
     """build_lora_meta's row indices (the engine passes every d_in and R) change no result."""
@@ -189,6 +213,23 @@ def test_meta_empty_and_plans() -> None:
     # 8 slots x 4 tokens, mixed: only worth gathering when B needs no copy.
     eight = build_lora_meta([k % 8 for k in range(32)], "cpu")
     assert (eight.cpu_plan, eight.cpu_plan_rowwise) == ("segments", "gathered")
+
+
+@pytest.mark.parametrize("T", [0, 1, 33])
+def test_meta_without_adapter_tokens_is_the_general_meta_of_nothing(T: int) -> None:
+    """The no-adapter shortcut has every field the general build gives a step whose adapter
+    tokens are all gone: nothing sorted, segmented, run or tiled."""
+    meta = build_lora_meta(torch.full((T,), -1), "cpu", row_widths=(40, 8))
+    assert meta.empty and meta.num_tokens == T and meta.num_active == 0 and meta.num_tiles == 0
+    assert meta.token_slots.tolist() == [-1] * T and meta.max_slot == -1
+    assert meta.seg_starts.tolist() == [0] and meta.seg_starts_host == (0,)
+    general = build_lora_meta([0] + [-1] * T, "cpu")  # one adapter token, then the rest
+    for field in ("sorted_tokens", "active_tokens", "active_slots", "tile_slots"):
+        assert getattr(meta, field).dtype == getattr(general, field).dtype, field
+        assert getattr(meta, field).numel() == 0, field
+    assert (meta.cpu_plan, meta.cpu_plan_rowwise, meta.block_m) == ("runs", "runs", 16)
+    assert meta.run_slots_host == meta.run_starts_host == meta.run_ends_host == ()
+    assert meta.gather_rows == {}
 
 
 @pytest.mark.parametrize(

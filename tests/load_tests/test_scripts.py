@@ -24,6 +24,7 @@ sys.path.insert(0, str(LOAD_TESTS))
 import baseline_server  # noqa: E402
 import bench_gpu_kernels  # noqa: E402
 import bench_offline  # noqa: E402
+import bench_roofline  # noqa: E402
 import bench_serving  # noqa: E402
 import common  # noqa: E402
 import soak  # noqa: E402
@@ -34,6 +35,7 @@ SCRIPTS = {
     "soak": soak.build_parser,
     "bench_gpu_kernels": bench_gpu_kernels.build_parser,
     "bench_offline": bench_offline.build_parser,
+    "bench_roofline": bench_roofline.build_parser,
 }
 
 
@@ -77,7 +79,8 @@ def test_gpu_check_dry_run() -> None:
         timeout=120,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
-    assert "pytest -m gpu tests/kernels" in out.stdout and "dry-run: ok" in out.stdout
+    assert "pytest -m gpu tests/kernels tests/engine" in out.stdout
+    assert "bench_roofline.py --device cuda" in out.stdout and "dry-run: ok" in out.stdout
 
 
 # ---------------------------------------------------------------------------- workload math

@@ -6,11 +6,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from server.engine.errors import ModelLoadError
 from server.engine.models.base import AdapterHook, AttnBatch, CausalLM, ModelSpec, Projection
-from server.engine.models.gpt2 import GPT2, GPT2Config, gpt2_key
+from server.engine.models.gpt2 import GPT2, GPT2Config, gpt2_key, gpt2_tensor
 from server.engine.models.llama import Llama, llama_key
 from server.engine.models.llama_config import MODEL_TYPES as LLAMA_TYPES
 from server.engine.models.llama_config import LlamaConfig
@@ -23,9 +23,10 @@ class Family:
     config: Callable[[Mapping[str, Any], str], Any]
     model: Callable[[Any], nn.Module]
     key: Callable[[str, Any], str | None]  # checkpoint key -> ours; None = not a weight
+    tensor: Callable[[str, Tensor], Tensor] = lambda name, t: t  # by our name -> our layout
 
 
-_GPT2 = Family(GPT2Config.from_dict, GPT2, gpt2_key)
+_GPT2 = Family(GPT2Config.from_dict, GPT2, gpt2_key, gpt2_tensor)
 _LLAMA = Family(LlamaConfig.from_dict, Llama, llama_key)
 FAMILIES: dict[str, Family] = {"gpt2": _GPT2, **{t: _LLAMA for t in LLAMA_TYPES}}
 

@@ -1,19 +1,20 @@
 """GPT-2 in plain torch, readable top to bottom (nanoGPT's layout, Hugging Face's weight names).
 
-Every projection is a Conv1D-style `x @ W + b` with W stored [in, out] exactly as GPT-2
-checkpoints store it. An optional `AdapterHook` adds each token's LoRA delta to the output of
-the four adapter targets and its DEU delta to the MLP activation; the model itself knows nothing
-about adapters or batching policy.
+GPT-2 checkpoints store every projection Conv1D-style, `x @ W + b` with W [in, out]; hotlora
+transposes them once at load (`gpt2_tensor`) and runs them as `Linear` ([out, in], the layout
+CPU GEMMs run fastest), transposing back only when it saves a checkpoint. An optional
+`AdapterHook` adds each token's LoRA delta to the output of the four adapter targets and its DEU
+delta to the MLP activation; the model itself knows nothing about adapters or batching policy.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -22,6 +23,7 @@ from server.engine.errors import ModelLoadError
 from server.engine.models.base import (
     AdapterHook,
     AttnBatch,
+    Linear,
     cached_kv,
     config_field,
     init_from_scratch,
@@ -130,26 +132,11 @@ class GPT2Config:
         }
 
 
-class Conv1D(nn.Module):
-    """GPT-2's projection: y = x @ W + b with W stored [in, out]."""
-
-    def __init__(self, d_in: int, d_out: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_in, d_out))
-        self.bias = nn.Parameter(torch.zeros(d_out))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, x, self.weight)  # (T, d_out)
-
-    def merged_weight(self, delta: Tensor) -> Tensor:
-        return (self.weight.float() + delta.T).to(self.weight.dtype)  # (d_in, d_out)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int) -> None:
         super().__init__()
-        self.c_attn = Conv1D(cfg.n_embd, 3 * cfg.n_embd)
-        self.c_proj = Conv1D(cfg.n_embd, cfg.n_embd)
+        self.c_attn = Linear(cfg.n_embd, 3 * cfg.n_embd, bias=True)
+        self.c_proj = Linear(cfg.n_embd, cfg.n_embd, bias=True)
         self.layer, self.n_head = layer, cfg.n_head
         scale = 1.0 / math.sqrt(cfg.head_dim)
         self.scale = scale / (layer + 1) if cfg.scale_attn_by_inverse_layer_idx else scale
@@ -178,8 +165,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPT2Config, layer: int) -> None:
         super().__init__()
-        self.c_fc = Conv1D(cfg.n_embd, cfg.n_inner)
-        self.c_proj = Conv1D(cfg.n_inner, cfg.n_embd)
+        self.c_fc = Linear(cfg.n_embd, cfg.n_inner, bias=True)
+        self.c_proj = Linear(cfg.n_inner, cfg.n_embd, bias=True)
         self.layer, self.approximate = layer, ACTIVATIONS[cfg.activation_function]
 
     def forward(self, x: Tensor, adapters: AdapterHook | None) -> Tensor:
@@ -243,15 +230,16 @@ class GPT2(nn.Module):
         """Tied head: hidden (..., d) -> logits (..., V)."""
         return hidden @ self.wte.weight.T
 
-    def target(self, layer: int, target: int) -> Conv1D:
+    def target(self, layer: int, target: int) -> Linear:
         """The projection module an adapter target index names."""
         block: Block = self.h[layer]  # type: ignore[assignment]
         mods = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         return mods[target]
 
     def hf_state_dict(self) -> dict[str, Tensor]:
-        """The weights under GPT2LMHeadModel's names (lm_head is tied, so not written)."""
-        return {f"transformer.{k}": v for k, v in self.state_dict().items()}
+        """The weights under GPT2LMHeadModel's names and layout (lm_head is tied, so not
+        written): projection weights back to Conv1D's [in, out]."""
+        return {f"transformer.{k}": gpt2_tensor(k, v) for k, v in self.state_dict().items()}
 
 
 def gpt2_key(key: str, cfg: GPT2Config) -> str | None:
@@ -262,3 +250,14 @@ def gpt2_key(key: str, cfg: GPT2Config) -> str | None:
         if key.startswith(prefix):
             return key[len(prefix) :]
     return key
+
+
+_CONV1D_WEIGHT = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+
+
+def gpt2_tensor(name: str, tensor: Tensor) -> Tensor:
+    """A checkpoint tensor under hotlora's name -> hotlora's layout: Conv1D weights [in, out]
+    become [out, in] (contiguous). Its own inverse, so saving uses it too."""
+    if _CONV1D_WEIGHT.fullmatch(name):
+        return tensor.T.contiguous()
+    return tensor

@@ -16,27 +16,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from server.engine.models.base import AdapterHook, AttnBatch, cached_kv, init_from_scratch
+from server.engine.models.base import (
+    AdapterHook,
+    AttnBatch,
+    Linear,
+    cached_kv,
+    init_from_scratch,
+)
 from server.engine.models.llama_config import LlamaConfig
 
 Q, K, V, OUT, GATE, UP, DOWN = range(7)  # indices into LLAMA_LAYOUT.targets
 
 _ROPE_TABLE = 8192  # positions whose cos/sin are precomputed; longer contexts grow it once
-
-
-class Linear(nn.Module):
-    """y = x @ W.T + b with W stored [out, in], as nn.Linear checkpoints store it."""
-
-    def __init__(self, d_in: int, d_out: int, bias: bool) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(d_out, d_in))
-        self.bias = nn.Parameter(torch.zeros(d_out)) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight, self.bias)  # (T, d_out)
-
-    def merged_weight(self, delta: Tensor) -> Tensor:
-        return (self.weight.float() + delta).to(self.weight.dtype)  # (d_out, d_in)
 
 
 class RMSNorm(nn.Module):
