@@ -46,7 +46,10 @@ KINDS = ("lora", "deu", "lora+deu")
 WORKLOAD = {"batch": 32, "prompt": 32, "new": 32}
 SMOKE_WORKLOAD = {"batch": 8, "prompt": 8, "new": 4}
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-BF16_NOTE = "bf16 on this CPU has no native support: figures are not representative"
+BF16_NOTE = (
+    "bf16 on this CPU has no native support (no AVX512-BF16 / AMX): figures are not "
+    "representative"
+)
 
 
 @dataclass(frozen=True)
