@@ -304,20 +304,20 @@ def bench_model(
         print(f"  memory read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
         prompts = bo.bench_prompts(shape)
         configs = [(kind, d) for kind in names for d in distincts if d > 0 or kind == "lora"]
+        rows_of = {(kind, d): bo.row_adapters(names[kind], d, batch) for kind, d in configs}
         steps = dict.fromkeys(configs, float("inf"))
         ideal = dict.fromkeys(("base", "lm_head"), float("inf"))
         for _ in range(ROUNDS):
             gemms = ideal_gemms(engine, batch)
             ideal = {k: min(v, gemms[k]) for k, v in ideal.items()}
             for kind, d in configs:
-                adapters = bo.row_adapters(names[kind], d, batch)
-                steps[(kind, d)] = min(steps[(kind, d)], decode_step_s(engine, prompts, adapters))
+                step = decode_step_s(engine, prompts, rows_of[(kind, d)])
+                steps[(kind, d)] = min(steps[(kind, d)], step)
         rows = []
         for kind, d in configs:
             step = steps[(kind, d)]
-            adapters = bo.row_adapters(names[kind], d, batch)
             parts = (
-                breakdown_s(engine, prompts, adapters)
+                breakdown_s(engine, prompts, rows_of[(kind, d)])
                 if engine.device.type == "cpu"
                 else dict.fromkeys([*CATEGORIES[:-1], "ops", "copies"], float("nan"))
             )

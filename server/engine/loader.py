@@ -99,7 +99,8 @@ def load_model(
     state = read_state_dict(model_dir, family, cfg)
     with torch.device("meta"):
         model = family.model(cfg)
-    expected = {k: tuple(p.shape) for k, p in model.state_dict().items()}
+    params = model.state_dict()  # meta tensors: names and shapes
+    expected = {k: tuple(p.shape) for k, p in params.items()}
     missing = sorted(set(expected) - set(state))
     unknown = sorted(set(state) - set(expected))
     if missing or unknown:
@@ -109,9 +110,10 @@ def load_model(
         )
     for key, shape in expected.items():
         if tuple(state[key].shape) != shape:
-            raise ModelLoadError(
-                f"{model_dir}: {key} has shape {tuple(state[key].shape)}, config implies {shape}"
-            )
+            # Both shapes in the checkpoint's own layout (GPT-2 holds its Conv1D weights
+            # transposed; family.tensor is its own inverse).
+            got, want = (tuple(family.tensor(key, t).shape) for t in (state[key], params[key]))
+            raise ModelLoadError(f"{model_dir}: {key} has shape {got}, config implies {want}")
         if not state[key].is_floating_point():
             raise ModelLoadError(f"{model_dir}: {key} has non-float dtype {state[key].dtype}")
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}

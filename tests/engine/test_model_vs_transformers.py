@@ -132,3 +132,17 @@ def test_conv1d_weights_run_transposed_and_save_back_bit_exact(tmp_path: Path) -
     assert src.keys() == dst.keys() and len(dst) == 4 + 12 * 2
     for key, tensor in dst.items():
         assert tensor.shape == src[key].shape and torch.equal(tensor, src[key]), key
+
+
+def test_conv1d_shape_mismatch_names_the_checkpoint_layout(tmp_path: Path) -> None:
+    """A wrong-shaped Conv1D weight is reported as the checkpoint stores it ([in, out]), not in
+    the transposed layout hotlora holds it in."""
+    import json
+
+    make_hf_model(tmp_path, n_embd=48, n_head=3, n_inner=80)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "n_inner": 96}))
+    with pytest.raises(
+        ModelLoadError, match=r"h.0.mlp.c_fc.weight has shape \(48, 80\), config implies \(48, 96\)"
+    ):
+        load_model(tmp_path, torch.device("cpu"), torch.float32)

@@ -252,7 +252,11 @@ def gpt2_key(key: str, cfg: GPT2Config) -> str | None:
     return key
 
 
-_CONV1D_WEIGHT = re.compile(r"h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight")
+# The block projections are Conv1D modules; their names are the layout's adapter targets.
+_CONV1D_WEIGHT = re.compile(
+    rf"{re.escape(GPT2_LAYOUT.blocks)}\.\d+\.({'|'.join(map(re.escape, GPT2_LAYOUT.targets))})"
+    r"\.weight"
+)
 
 
 def gpt2_tensor(name: str, tensor: Tensor) -> Tensor:
