@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kernels import LoRAMeta, build_lora_meta, lora_apply, lora_reference
+from kernels.lora import SlotRows
 from tests.kernels.lora_cases import PATTERNS, assert_matches, make_case, with_storage
 
 PLANS = ("runs", "segments", "gathered")
@@ -119,6 +120,16 @@ def test_precomputed_gather_rows_give_the_same_bits(storage: str) -> None:
     lora_apply(y2, case.x, case.A, case.B, case.scales, rows)
     assert torch.equal(y1, y2)
     assert_matches(y2, case, torch.float32)
+
+
+def test_slot_rows_are_each_tokens_storage_rows_as_embedding_bags() -> None:
+    """Bag n holds rows slot_n * K .. slot_n * K + K - 1 of the (S * K, M) storage view."""
+    bags = SlotRows.of(torch.tensor([3, 0, 3]), 4)
+    assert bags.rows.tolist() == [12, 13, 14, 15, 0, 1, 2, 3, 12, 13, 14, 15]
+    assert bags.offsets.tolist() == [0, 4, 8]
+    meta = build_lora_meta([-1, 3, 0, -1, 3, 5, 6, 7], "cpu", row_widths=(4,))
+    assert meta.cpu_plan_rowwise == "gathered"
+    assert meta.gather_rows[4].rows.view(-1, 4)[:, 0].tolist() == [12, 0, 12, 20, 24, 28]
 
 
 def test_all_none_is_bit_exact_noop() -> None:
