@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -182,17 +181,17 @@ def _labelled(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
 def _labels(engine: Engine) -> Iterator[None]:
     """Profiler ranges around the LM head, attention (KV cache + SDPA) and the adapter hook,
     patched in for the profiled steps only."""
-    hook, logits, sdpa = engine._hook, engine.model.logits, F.scaled_dot_product_attention
-    kv = model_base.cached_kv
+    hook, logits = engine._hook, engine.model.logits
+    kv, attend = model_base.cached_kv, model_base.attend
     engine._hook = lambda step: None if (h := hook(step)) is None else _LabelledHook(h)  # type: ignore[method-assign]
     engine.model.logits = _labelled(logits, LABELS["lm_head"])  # type: ignore[method-assign]
-    F.scaled_dot_product_attention = _labelled(sdpa, LABELS["attention"])
+    gpt2.attend = llama.attend = _labelled(attend, LABELS["attention"])
     gpt2.cached_kv = llama.cached_kv = _labelled(kv, LABELS["attention"])
     try:
         yield
     finally:
         del engine._hook, engine.model.logits
-        F.scaled_dot_product_attention = sdpa
+        gpt2.attend = llama.attend = attend
         gpt2.cached_kv = llama.cached_kv = kv
 
 

@@ -44,13 +44,15 @@ def build_step(
     deu_slots: list[int],
     merged_slot: int | None,
     device: torch.device,
+    dtype: torch.dtype,
     row_widths: Sequence[int] = (),
 ) -> StepBatch:
     """Rows `rows` feed `tokens[b]` at positions starts[b], starts[b]+1, ... (right-padded).
 
     slots[b] is row b's LoRA slot and deu_slots[b] its DEU slot (-1 = none). With
     `merged_slot` set, that LoRA is in the weights: its rows take no delta and every other row
-    subtracts it. `row_widths`: the LoRA weights' row widths (LoRASlots.row_widths).
+    subtracts it. `dtype`: the model's, the attention bias's. `row_widths`: the LoRA weights'
+    row widths (LoRASlots.row_widths).
     """
     L = max(len(t) for t in tokens)
     # One tensor from one padded list: a copy per row costs ~5 ops each, every step.
@@ -58,7 +60,11 @@ def build_step(
     start = torch.tensor(starts, dtype=torch.long)  # (B,)
     positions = start[:, None] + torch.arange(L)  # (B, L)
     s_used = int(positions.max()) + 1
-    mask = torch.arange(s_used) <= positions[:, None, :, None]  # (B, 1, L, S_used)
+    masked = torch.arange(s_used) > positions[:, None, :, None]  # (B, 1, L, S_used)
+    bias = torch.zeros(masked.shape, dtype=dtype).masked_fill_(masked, float("-inf"))
+    _, H_kv, S, _ = kv.k.shape[1:]
+    row_t = torch.tensor(rows, dtype=torch.long)  # (B,)
+    kv_index = (row_t[:, None, None] * H_kv + torch.arange(H_kv)) * S + positions[:, :, None]
     lengths = [len(t) for t in tokens]
 
     def per_token(row_slots: list[int]) -> list[int]:
@@ -76,10 +82,11 @@ def build_step(
     attn = AttnBatch(
         k_cache=kv.k,
         v_cache=kv.v,
-        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        rows=row_t.to(device),
         row_range=_row_range(rows),
         positions=positions.to(device),
-        mask=mask.to(device),
+        kv_index=kv_index.to(device),  # (B, L, H_kv)
+        bias=bias.to(device),
         s_used=s_used,
     )
     return StepBatch(

@@ -341,6 +341,7 @@ class Engine:
             deu_slots,
             None if merged is None else merged.slot,
             self.device,
+            self.dtype,
             self.residents.lora.row_widths,
         )
         return step, self.model(step.input_ids, step.positions, step.attn, self._hook(step))

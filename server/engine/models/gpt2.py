@@ -24,6 +24,7 @@ from server.engine.models.base import (
     AdapterHook,
     AttnBatch,
     Linear,
+    attend,
     cached_kv,
     config_field,
     init_from_scratch,
@@ -154,7 +155,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
             k, v = cached_kv(attn, self.layer, k, v)  # (B, H, S_used, D)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, scale=self.scale)
+            o = attend(q, k, v, attn.bias, self.scale)  # (B, H, L, D)
         o2 = o.transpose(1, 2).reshape(B * L, d)  # (T, d)
         y = self.c_proj(o2)
         if adapters is not None:

@@ -20,6 +20,7 @@ from server.engine.models.base import (
     AdapterHook,
     AttnBatch,
     Linear,
+    attend,
     cached_kv,
     init_from_scratch,
 )
@@ -99,9 +100,7 @@ class Attention(nn.Module):
             )
         else:
             k, v = cached_kv(attn, self.layer, k, v)  # (B, H_kv, S_used, D)
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn.mask, scale=self.scale, enable_gqa=gqa
-            )  # (B, H, L, D)
+            o = attend(q, k, v, attn.bias, self.scale)  # (B, H, L, D)
         o2 = o.transpose(1, 2).reshape(B * L, self.n_head * self.head_dim)  # (T, H * D)
         y = self.o_proj(o2)
         if adapters is not None:
