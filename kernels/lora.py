@@ -332,8 +332,10 @@ def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta:
     """In place: y[t] += scales[k] * B[k] @ (A[k] @ x[t]) for k = token_slots[t] >= 0.
 
     y (T, d_out), x (T, d_in), A (S, R, d_in), B (S, d_out, R), scales (S,) float32.
-    CUDA fp16/bf16/fp32 runs the Triton SGMV kernels; everything else the torch path, which
-    computes CPU fp16/bf16 in fp32 (A and B are best kept float32 there: no per-call upcast).
+    CUDA fp16/bf16/fp32 runs the Triton SGMV kernels; everything else the torch path, in the
+    weights' dtype: half weights with half x run in half (each product accumulates in fp32
+    inside its kernel and rounds to half, as the Triton expand's tl.dot does), float32 weights
+    with half x in float32, their delta rounded once into y.
     """
     check_lora_args(y, x, A, B, scales, meta)
     if meta.empty:
@@ -344,12 +346,11 @@ def lora_apply(y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta:
 
         sgmv_expand(y, sgmv_shrink(x, A, meta), B, scales, meta)
         return
-    if x.dtype in _HALF_DTYPES and x.device.type == "cpu":
-        # The low-rank products run in fp32 (the engine keeps CPU slot buffers in fp32, so only
-        # x is converted per call); every path adds its fp32 delta into the half y in one op
-        # that rounds once, as converting y, adding and converting back would, without the two
-        # whole-y copies. Rows without an adapter are never written.
-        _torch_apply(y, x.float(), A.float(), B.float(), scales, meta)
+    if A.dtype != x.dtype:  # float32 weights, half x (CPU): only x is converted per call
+        # Every path adds its fp32 delta into the half y in one op that rounds once, as
+        # converting y, adding and converting back would, without the two whole-y copies.
+        # Rows without an adapter are never written.
+        _torch_apply(y, x.float(), A, B, scales, meta)
         return
     _torch_apply(y, x, A, B, scales, meta)
 

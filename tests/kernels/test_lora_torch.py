@@ -61,16 +61,36 @@ def test_every_plan_on_every_pattern(plan: str, pattern: str, T: int, storage: s
     _run(torch.float64, plan, storage, T=T, d_in=40, d_out=72, R=8, S=S, pattern=pattern)
 
 
+@pytest.mark.parametrize("storage", STORAGES)
+@pytest.mark.parametrize("plan", PLANS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pattern", ["interleaved", "runs", "distinct"])
-def test_half_on_cpu(dtype: torch.dtype, pattern: str) -> None:
-    _run(dtype, T=16, d_in=64, d_out=96, R=8, S=16, pattern=pattern)
+def test_half_on_cpu(dtype: torch.dtype, pattern: str, plan: str, storage: str) -> None:
+    """Half weights with half x (the engine's CPU layout for half models) run in half."""
+    _run(dtype, plan, storage, T=16, d_in=64, d_out=96, R=8, S=16, pattern=pattern)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_gathered_rows_of_a_mixed_batch_equal_each_row_alone(dtype: torch.dtype) -> None:
+    """The decode plan: every token of a mixed batch gets the bits it gets alone."""
+    case = with_storage(
+        make_case(T=12, d_in=64, d_out=96, R=8, S=12, pattern="distinct", dtype=dtype),
+        "transposed",
+    )
+    y = case.y.clone()
+    meta = build_lora_meta(case.slots, "cpu").with_cpu_plan("gathered")
+    lora_apply(y, case.x, case.A, case.B, case.scales, meta)
+    for t, k in enumerate(case.slots):
+        alone = case.y[t : t + 1].clone()
+        one = build_lora_meta([k], "cpu").with_cpu_plan("gathered")
+        lora_apply(alone, case.x[t : t + 1], case.A, case.B, case.scales, one)
+        assert torch.equal(alone[0], y[t]), (t, k)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("pattern", ["interleaved", "runs", "distinct"])
 def test_half_activations_with_float32_weights_on_cpu(dtype: torch.dtype, pattern: str) -> None:
-    """The engine's CPU layout for half models: fp32 slot buffers, half x and y."""
+    """fp32 slot buffers with half x and y: computed in fp32, the delta rounded once."""
     case = make_case(T=16, d_in=64, d_out=96, R=8, S=16, pattern=pattern, dtype=dtype)
     A32, B32 = case.A.float(), case.B.float()  # hold the half values exactly
     y = case.y.clone()
