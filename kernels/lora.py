@@ -419,7 +419,7 @@ def _apply_gathered(
     h.mul_(scales.index_select(0, slots).unsqueeze(1))
     delta = _slot_matvec(h, B, slots, meta.gather_rows)  # (N, d_out)
     if meta.all_active:
-        y.add_(delta)  # a half y takes the fp32 delta and rounds once
+        y.add_(delta)  # a half y with fp32 weights takes the fp32 delta, rounding once
     else:
         add_rows(y, meta.active_tokens, delta)
 

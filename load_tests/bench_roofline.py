@@ -8,8 +8,8 @@ For each base (`--models`: GPT-2-small and SmolLM-135M shapes, random weights) a
   2. measured: the median engine decode step at batch `--batch` (32-token prompts, greedy),
      with 0, 1, 8 and 32 distinct adapters of each kind (LoRA rank 16, DEU, LoRA+DEU);
   3. breakdown of that step from a torch.profiler pass: base GEMMs, LM head, attention (the
-     KV-cache write and read plus SDPA), adapter ops, and the rest (step - the four above:
-     embedding, norms, activations, residual adds, batch metadata, sampling);
+     KV-cache write and read plus the attention product), adapter ops, and the rest (step -
+     the four above: embedding, norms, activations, residual adds, batch metadata, sampling);
   4. whole requests: hotlora's tokens/s over generate() (prefill included), and transformers +
      peft's (`generate(adapter_names=...)`) beside it, unless `--skip-peft`.
 The CPU's bf16 support (AVX512-BF16 / AMX) is detected and printed; without it the bf16 rows
@@ -179,7 +179,7 @@ def _labelled(fn: Callable[..., Any], label: str) -> Callable[..., Any]:
 
 @contextmanager
 def _labels(engine: Engine) -> Iterator[None]:
-    """Profiler ranges around the LM head, attention (KV cache + SDPA) and the adapter hook,
+    """Profiler ranges around the LM head, attention (KV cache + attend) and the adapter hook,
     patched in for the profiled steps only."""
     hook, logits = engine._hook, engine.model.logits
     kv, attend = model_base.cached_kv, model_base.attend

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from kernels import LoRAMeta, build_lora_meta
+from server.engine.errors import EngineError
 from server.engine.kv_cache import KVCache
 from server.engine.models import AttnBatch
 
@@ -63,6 +64,8 @@ def build_step(
     masked = torch.arange(s_used) > positions[:, None, :, None]  # (B, 1, L, S_used)
     bias = torch.zeros(masked.shape, dtype=dtype).masked_fill_(masked, float("-inf"))
     _, H_kv, S, _ = kv.k.shape[1:]
+    if s_used > S:  # the flat index below would write into the next head's or row's cache
+        raise EngineError(f"positions reach {s_used - 1}, past the KV cache's {S}")
     row_t = torch.tensor(rows, dtype=torch.long)  # (B,)
     kv_index = (row_t[:, None, None] * H_kv + torch.arange(H_kv)) * S + positions[:, :, None]
     lengths = [len(t) for t in tokens]

@@ -43,6 +43,6 @@ class KVCache:
         self.release(src)
 
     def release(self, row: int) -> None:
-        # Stale keys need no clearing: the mask never lets a query see positions it did not write.
+        # Stale keys need no clearing: the bias never lets a query see positions it did not write.
         self._free.append(row)
         self._free.sort(reverse=True)

@@ -4,11 +4,13 @@ flat-index KV-cache write against a per-token loop, and the step's bias and inde
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
-from server.engine.batch import build_step
+from server.engine.batch import StepBatch, build_step
+from server.engine.errors import EngineError
 from server.engine.kv_cache import KVCache
 from server.engine.models.base import attend, cached_kv
 
@@ -26,7 +28,9 @@ def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: torch.T
     return torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1) @ v64
 
 
-def _case(B: int, H: int, H_kv: int, L: int, S: int, dtype: torch.dtype, seed: int = 0):
+def _case(
+    B: int, H: int, H_kv: int, L: int, S: int, dtype: torch.dtype, seed: int = 0
+) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     D = 16
     # The cache is longer than S: attend reads a strided view, as the engine does.
@@ -52,6 +56,15 @@ def test_attend_matches_fp64_reference(dtype: torch.dtype, H: int, H_kv: int, L:
     assert (got.double() - want).abs().max().item() <= TOL[dtype]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", list(TOL))
+@pytest.mark.parametrize("L", [1, 3])
+def test_attend_on_cuda_matches_fp64_reference(dtype: torch.dtype, L: int) -> None:
+    q, k, v, bias, masked = _case(5, 6, 2, L, 11, dtype)
+    got = attend(q.cuda(), k.cuda(), v.cuda(), bias.cuda(), 0.25).cpu()
+    assert (got.double() - reference(q, k, v, masked, 0.25)).abs().max().item() <= TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", list(TOL))
 @pytest.mark.parametrize("L", [1, 4])
 def test_each_row_of_a_batch_equals_the_row_attended_alone(dtype: torch.dtype, L: int) -> None:
@@ -67,7 +80,13 @@ def test_each_row_of_a_batch_equals_the_row_attended_alone(dtype: torch.dtype, L
             assert torch.equal(alone[0], batch[b])
 
 
-def _step(kv: KVCache, rows: list[int], lengths: list[int], starts: list[int]):
+def _cache(n_layer: int, n_kv_head: int, head_dim: int, max_rows: int,
+           max_seq_len: int) -> KVCache:
+    spec: Any = SimpleNamespace(n_layer=n_layer, n_kv_head=n_kv_head, head_dim=head_dim)
+    return KVCache(spec, max_rows, max_seq_len, torch.device("cpu"), torch.bfloat16)
+
+
+def _step(kv: KVCache, rows: list[int], lengths: list[int], starts: list[int]) -> StepBatch:
     tokens = [[1] * n for n in lengths]
     none = [-1] * len(rows)
     return build_step(kv, rows, tokens, starts, none, none, None, torch.device("cpu"),
@@ -75,9 +94,7 @@ def _step(kv: KVCache, rows: list[int], lengths: list[int], starts: list[int]):
 
 
 def test_cached_kv_writes_each_token_where_its_row_and_position_say() -> None:
-    spec = SimpleNamespace(n_layer=2, n_kv_head=3, head_dim=4)
-    kv = KVCache(spec, max_rows=5, max_seq_len=10, device=torch.device("cpu"),
-                 dtype=torch.bfloat16)  # type: ignore[arg-type]
+    kv = _cache(n_layer=2, n_kv_head=3, head_dim=4, max_rows=5, max_seq_len=10)
     rows, lengths, starts = [3, 0, 4], [2, 3, 1], [4, 0, 7]
     step = _step(kv, rows, lengths, starts)
     L = max(lengths)
@@ -97,9 +114,7 @@ def test_cached_kv_writes_each_token_where_its_row_and_position_say() -> None:
 
 
 def test_step_bias_lets_each_query_see_exactly_the_positions_up_to_its_own() -> None:
-    spec = SimpleNamespace(n_layer=1, n_kv_head=1, head_dim=2)
-    kv = KVCache(spec, max_rows=2, max_seq_len=8, device=torch.device("cpu"),
-                 dtype=torch.bfloat16)  # type: ignore[arg-type]
+    kv = _cache(n_layer=1, n_kv_head=1, head_dim=2, max_rows=2, max_seq_len=8)
     step = _step(kv, [1, 0], [3, 1], [2, 5])
     bias = step.attn.bias  # (B, 1, L, S_used)
     # Row 1's padding positions 6 and 7 widen the step's extent to 8.
@@ -109,3 +124,9 @@ def test_step_bias_lets_each_query_see_exactly_the_positions_up_to_its_own() -> 
             seen = [s for s in range(8) if bias[b, 0, i, s] == 0]
             assert seen == list(range(start + i + 1))
             assert all(bias[b, 0, i, s] == float("-inf") for s in range(start + i + 1, 8))
+
+
+def test_a_step_past_the_cache_is_refused_before_anything_is_written() -> None:
+    kv = _cache(n_layer=1, n_kv_head=2, head_dim=2, max_rows=2, max_seq_len=8)
+    with pytest.raises(EngineError, match="past the KV cache"):
+        _step(kv, [0, 1], [2, 1], [3, 7])  # row 0 reaches position 4, row 1 position 8

@@ -64,15 +64,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> Tenso
     """softmax(q k^T * scale + bias) v, each query head h reading KV head h // (H / H_kv).
 
     q (B, H, L, D), k and v (B, H_kv, S, D), bias (B, 1, L, S) -> (B, H, L, D). CUDA and CPU
-    float32 run SDPA. CPU half precision runs two batched matmuls instead: there SDPA's flash
-    kernel measured 1.7-7x slower at decode shapes with B >= 8 (B = 32, L = 1, S = 45: 1.2-1.7
-    ms a layer against 0.25-0.48 ms), while in float32 it was as fast or faster (B = 1: 18 us
-    against 39). As in transformers' eager attention, the products run in q's dtype and the
-    softmax in float32.
+    float32 / float64 run SDPA. CPU half precision runs two batched matmuls instead: there
+    SDPA's flash kernel measured 1.7-7x slower at decode shapes with B >= 8 (B = 32, L = 1,
+    S = 45: 1.2-1.7 ms a layer against 0.25-0.48 ms), while in float32 it was as fast or faster
+    (B = 1: 18 us against 39). As in transformers' eager attention, the products run in q's
+    dtype and the softmax in float32.
     """
     B, H, L, D = q.shape
     H_kv, S = k.shape[1], k.shape[2]
-    if q.is_cuda or q.dtype == torch.float32:
+    if q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return F.scaled_dot_product_attention(
             q, k, v, attn_mask=bias, scale=scale, enable_gqa=H_kv != H
         )
