@@ -254,15 +254,23 @@ def test_a_killed_replica_fails_fast_and_comes_back(cluster: httpx.Client) -> No
             status = -1
         return status, time.monotonic() - t
 
+    actor = next(
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+        if pinned in a["name"] and "HotloraReplica" in a["name"]
+    )  # fmt: skip
+    handle = ray.get_actor(actor, namespace="serve")
     with ThreadPoolExecutor(8) as pool:
         on_victim = [pool.submit(call, "upper") for _ in range(6)]
         on_other = [pool.submit(call, other_name) for _ in range(2)]
-        time.sleep(0.5)  # they are running (100 tokens take seconds on 2 cores)
-        actor = next(
-            a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-            if pinned in a["name"] and "HotloraReplica" in a["name"]
-        )  # fmt: skip
-        ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
+        # Kill only once the victim replica is generating: a streamed request sent after the
+        # six has its first token, so they are in flight (100 tokens took ~0.5 s on a fast VM,
+        # too short for a fixed sleep to be sure).
+        time.sleep(0.05)
+        probe = _body("upper", stream=True, **long)
+        with cluster.stream("POST", "/v1/completions", json=probe, headers=USER_H) as stream:
+            assert stream.headers[REPLICA_HEADER] == pinned
+            next(line for line in stream.iter_lines() if line.startswith("data:"))
+            ray.kill(handle, no_restart=True)
         victim_results = [f.result() for f in on_victim]
         other_results = [f.result() for f in on_other]
     assert all(status in (200, 503) for status, _ in victim_results), victim_results
