@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -235,48 +236,65 @@ def test_metrics_per_replica(cluster: httpx.Client) -> None:
 
 
 def test_a_killed_replica_fails_fast_and_comes_back(cluster: httpx.Client) -> None:
-    victim = cluster.post("/v1/completions", json=_body("upper"), headers=USER_H)
-    pinned = victim.headers[REPLICA_HEADER]
-    other_name = next(
-        n for n in DEMO_NAMES
-        if cluster.post("/v1/completions", json=_body(n), headers=USER_H).headers[REPLICA_HEADER]
-        != pinned
-    )  # fmt: skip
-    long: dict[str, Any] = {"max_tokens": 100, "ignore_eos": True}
+    """Kill a replica while it generates: its streams end at once with a 503 error event, its
+    plain requests answer 200 or 503 in time, the other replica's finish, and it comes back.
 
-    def call(model: str) -> tuple[int, float]:
+    The victim is the replica serving the first stream, killed once all streams have their
+    first token: a fixed sleep does not know that (100 tokens took ~0.5 s on a fast VM), and
+    Ray Serve may route a model's requests to either replica."""
+    long: dict[str, Any] = {"max_tokens": 100, "ignore_eos": True}
+    names = ["upper", *[n for n in DEMO_NAMES if n != "upper"]]
+    started = [threading.Event() for _ in range(6)]
+    replica_of: list[str | None] = [None] * 6
+
+    def stream(i: int) -> tuple[str, float]:
+        """The stream's last data line, and its seconds."""
+        t, last = time.monotonic(), ""
+        body = _body(names[i % len(names)], stream=True, **long)
+        try:
+            with httpx.stream("POST", f"{cluster.base_url}/v1/completions", json=body,
+                              headers=USER_H, timeout=TIMEOUT) as r:  # fmt: skip
+                replica_of[i] = r.headers.get(REPLICA_HEADER)
+                for line in r.iter_lines():
+                    if line.startswith("data:"):
+                        started[i].set()
+                        last = line
+        finally:
+            started[i].set()  # never leave the killer waiting on a failed stream
+        return last, time.monotonic() - t
+
+    def call() -> tuple[int, float]:
         t = time.monotonic()
         try:
-            r = httpx.post(f"{cluster.base_url}/v1/completions", json=_body(model, **long),
+            r = httpx.post(f"{cluster.base_url}/v1/completions", json=_body("upper", **long),
                            headers=USER_H, timeout=TIMEOUT)  # fmt: skip
             status = r.status_code
         except httpx.HTTPError:
             status = -1
         return status, time.monotonic() - t
 
-    actor = next(
-        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-        if pinned in a["name"] and "HotloraReplica" in a["name"]
-    )  # fmt: skip
-    handle = ray.get_actor(actor, namespace="serve")
+    replicas = {
+        a["name"]: a for a in ray.util.list_named_actors(all_namespaces=True)
+        if "HotloraReplica" in a["name"]
+    }  # fmt: skip
     with ThreadPoolExecutor(8) as pool:
-        on_victim = [pool.submit(call, "upper") for _ in range(6)]
-        on_other = [pool.submit(call, other_name) for _ in range(2)]
-        # Kill only once the victim replica is generating: a streamed request sent after the
-        # six has its first token, so they are in flight (100 tokens took ~0.5 s on a fast VM,
-        # too short for a fixed sleep to be sure).
-        time.sleep(0.05)
-        probe = _body("upper", stream=True, **long)
-        with cluster.stream("POST", "/v1/completions", json=probe, headers=USER_H) as stream:
-            assert stream.headers[REPLICA_HEADER] == pinned
-            next(line for line in stream.iter_lines() if line.startswith("data:"))
-            ray.kill(handle, no_restart=True)
-        victim_results = [f.result() for f in on_victim]
-        other_results = [f.result() for f in on_other]
-    assert all(status in (200, 503) for status, _ in victim_results), victim_results
-    assert any(status == 503 for status, _ in victim_results), victim_results
-    assert all(seconds < TIMEOUT for _, seconds in victim_results), victim_results
-    assert all(status == 200 for status, _ in other_results), other_results
+        plain = [pool.submit(call) for _ in range(2)]
+        streams = [pool.submit(stream, i) for i in range(6)]
+        assert all(e.wait(TIMEOUT) for e in started)
+        victim = replica_of[0]
+        assert victim is not None
+        actor = next(name for name in replicas if victim in name)
+        ray.kill(ray.get_actor(actor, namespace="serve"), no_restart=True)
+        stream_results = [f.result() for f in streams]
+        plain_results = [f.result() for f in plain]
+    for replica, (last, seconds) in zip(replica_of, stream_results, strict=True):
+        assert seconds < TIMEOUT
+        if replica == victim:  # cut mid-generation: an error event ends it, never [DONE]
+            assert "service_unavailable" in last, last
+        else:
+            assert last == "data: [DONE]", last
+    assert all(status in (200, 503) for status, _ in plain_results), plain_results
+    assert all(seconds < TIMEOUT for _, seconds in plain_results), plain_results
     deadline = time.monotonic() + 120  # Ray Serve starts a new replica
     while True:
         status = serve.status().applications[APP].deployments["HotloraReplica"]
