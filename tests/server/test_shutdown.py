@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from server.lifecycle import Lifecycle, lifecycle_of
+from server.openai_schemas import MAX_N
 from tests.server.support import (
     DEMO,
     assert_error,
@@ -151,7 +152,9 @@ def _wait(done: Callable[[], object], what: str, timeout: float = 30.0) -> None:
 
 
 def test_sigterm_drains_running_streams_then_exits_0(tmp_path: Path) -> None:
-    n = 12  # choices per stream; with 2 rows decoded at a time each stream runs 600 steps
+    # Choices per stream; with 2 rows decoded at a time each stream runs 2,400 steps, so the
+    # first still streams after the checks below on a fast VM (~0.3 ms a step there).
+    n = 48
     with hotlora_serve(tmp_path, HOTLORA_SHUTDOWN_TIMEOUT_S="120", HOTLORA_MAX_RUNNING="2") as s:
         engine = _children(s.proc.pid)
         assert engine, "no engine process"
@@ -207,12 +210,13 @@ def test_past_the_shutdown_timeout_a_stream_is_cut_and_the_process_exits_0(
     tmp_path: Path,
 ) -> None:
     timeout = 1.0
-    # 32 choices of 100 tokens, one decoded at a time: far longer than the timeout
+    # 128 choices (the most a request may ask) of 100 tokens, one decoded at a time: far longer
+    # than the timeout (32 choices once finished inside it on a fast, quiet VM: ~0.3 ms a token)
     with hotlora_serve(
         tmp_path, HOTLORA_SHUTDOWN_TIMEOUT_S=str(timeout), HOTLORA_MAX_RUNNING="1"
     ) as s:
         engine = _children(s.proc.pid)
-        stream = Stream(s.url, 32)
+        stream = Stream(s.url, MAX_N)
         _wait(lambda: stream.events, "the stream's first event")
         s.proc.send_signal(signal.SIGTERM)
         sent = time.monotonic()
