@@ -273,10 +273,10 @@ def test_a_killed_replica_fails_fast_and_comes_back(cluster: httpx.Client) -> No
             status = -1
         return status, time.monotonic() - t
 
-    replicas = {
-        a["name"]: a for a in ray.util.list_named_actors(all_namespaces=True)
+    replicas = [
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
         if "HotloraReplica" in a["name"]
-    }  # fmt: skip
+    ]  # fmt: skip
     with ThreadPoolExecutor(8) as pool:
         plain = [pool.submit(call) for _ in range(2)]
         streams = [pool.submit(stream, i) for i in range(6)]
