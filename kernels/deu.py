@@ -186,7 +186,9 @@ def deu_apply(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
 
         deu_add(y, h, bank, meta.token_slots)
         return
-    if meta.num_active <= _GATHER_MAX_TOKENS_PER_RUN * len(meta.run_starts_host):
+    if meta.per_token:
+        _apply_per_token(y, h, bank, meta)
+    elif meta.num_active <= _GATHER_MAX_TOKENS_PER_RUN * len(meta.run_starts_host):
         _apply_gathered(y, h, bank, meta)
     else:
         _apply_runs(y, h, bank, meta)
@@ -203,6 +205,16 @@ def _apply_gathered(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
             tok = tokens[i : i + _CPU_ROWS]
             delta = _delta(h.index_select(0, tok), bank.index_select(1, slots[i : i + _CPU_ROWS]))
             add_rows(y, tok, delta)
+
+
+def _apply_per_token(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+    """Every token with its slot's planes (slot 0 where it has none), _CPU_ROWS at a time; a
+    select keeps the bits of rows without an adapter."""
+    slots, active = meta.active_slots, meta.token_slots >= 0  # (T,), (T,)
+    for i in range(0, meta.num_tokens, _CPU_ROWS):
+        rows = slice(i, i + _CPU_ROWS)
+        delta = _delta(h[rows], bank.index_select(1, slots[rows]))  # (n, F)
+        y[rows] = torch.where(active[rows].unsqueeze(1), y[rows] + delta, y[rows])
 
 
 def _apply_runs(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:

@@ -90,11 +90,14 @@ class LoRAMeta:
     # The gathered CPU path's storage rows per row width K the step's caller named (a
     # projection's d_in, the rank): built once per step, not once per call.
     gather_rows: Mapping[int, SlotRows] = dataclasses.field(default_factory=dict)
+    # Built by per_token_meta: the slots are known on the device only, every token is its own
+    # segment and tile (an empty one without an adapter), and the host fields are bounds.
+    per_token: bool = False
 
     @property
     def empty(self) -> bool:
-        """True when no token has an adapter."""
-        return len(self.seg_slots_host) == 0
+        """True when no token has an adapter (never known of a per-token meta)."""
+        return not self.per_token and len(self.seg_slots_host) == 0
 
     @property
     def num_tokens(self) -> int:
@@ -103,13 +106,13 @@ class LoRAMeta:
 
     @property
     def num_active(self) -> int:
-        """N, the number of tokens with an adapter."""
-        return self.seg_starts_host[-1]
+        """N, the number of tokens with an adapter (a per-token meta counts every token)."""
+        return self.num_tokens if self.per_token else self.seg_starts_host[-1]
 
     @property
     def all_active(self) -> bool:
         """Every token has an adapter (the gathered path can then skip gather/scatter of rows)."""
-        return self.num_active == self.num_tokens
+        return not self.per_token and self.num_active == self.num_tokens
 
     @property
     def num_tiles(self) -> int:
@@ -266,6 +269,46 @@ def _empty_meta(ts: Tensor, device: torch.device | str) -> LoRAMeta:
     )
 
 
+def per_token_meta(token_slots: Tensor, num_slots: int) -> LoRAMeta:
+    """The meta of a fixed-shape step whose slots live on the device only: tile t = token t.
+
+    Built from `token_slots` (T,) int64 with device ops alone (no sync, no data-dependent
+    shape), so a CUDA graph can capture the building and every layer's kernels once and replay
+    them for any slots written into the same buffer. The kernels' grids then depend on T only;
+    a token without an adapter owns an empty tile (never written). `num_slots`: the S of the
+    slot buffers, the host's bound on every slot.
+    """
+    if token_slots.dim() != 1 or token_slots.dtype != torch.long:
+        raise TypeError(
+            f"token_slots must be 1-D int64, got {token_slots.dtype} {tuple(token_slots.shape)}"
+        )
+    T, dev = token_slots.shape[0], token_slots.device
+    tokens = torch.arange(T, device=dev)  # (T,)
+    slots = token_slots.clamp(min=0)  # (T,): an empty tile's slot must still index memory
+    ends = tokens + (token_slots >= 0)  # (T,): end == start for a token without an adapter
+    return LoRAMeta(
+        token_slots=token_slots,
+        sorted_tokens=tokens,
+        seg_slots=slots,
+        seg_starts=torch.arange(T + 1, device=dev),
+        seg_slots_host=(),
+        seg_starts_host=(0,),
+        active_tokens=tokens,
+        active_slots=slots,
+        run_slots_host=(),
+        run_starts_host=(),
+        run_ends_host=(),
+        tile_slots=slots,
+        tile_starts=tokens,
+        tile_ends=ends,
+        block_m=_MIN_BLOCK_M,
+        cpu_plan="gathered",
+        cpu_plan_rowwise="gathered",
+        max_slot=num_slots - 1,
+        per_token=True,
+    )
+
+
 def check_lora_args(
     y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta: LoRAMeta
 ) -> None:
@@ -359,6 +402,9 @@ def _torch_apply(
     y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta: LoRAMeta
 ) -> None:
     """Dispatch to the strategy build_lora_meta picked: y[t] += s[k] B[k] A[k] x[t]."""
+    if meta.per_token:
+        _apply_per_token(y, x, A, B, scales, meta)
+        return
     plan = meta.cpu_plan_rowwise if _rows_contiguous(B) else meta.cpu_plan
     if plan == "gathered":
         _apply_gathered(y, x, A, B, scales, meta)
@@ -422,6 +468,18 @@ def _apply_gathered(
         y.add_(delta)  # a half y with fp32 weights takes the fp32 delta, rounding once
     else:
         add_rows(y, meta.active_tokens, delta)
+
+
+def _apply_per_token(
+    y: Tensor, x: Tensor, A: Tensor, B: Tensor, scales: Tensor, meta: LoRAMeta
+) -> None:
+    """The gathered math over every token, its slot only on the device: rows without an
+    adapter compute with slot 0 and scale 0, and keep their own bits through a select."""
+    slots, active = meta.active_slots, meta.token_slots >= 0  # (T,), (T,)
+    h = _slot_matvec(x, A, slots, {})  # (T, R)
+    h.mul_((scales.index_select(0, slots) * active).unsqueeze(1))
+    delta = _slot_matvec(h, B, slots, {})  # (T, d_out)
+    y.copy_(torch.where(active.unsqueeze(1), y + delta, y))
 
 
 def add_rows(y: Tensor, tokens: Tensor, delta: Tensor) -> None:

@@ -103,3 +103,25 @@ def deu_reference(y: Tensor, h: Tensor, params: Tensor, token_slots: Tensor) -> 
         delta = gain * deu_unit_reference(h[rows], params[k])  # (n, F)
         out[rows] = out[rows] + delta.to(out.dtype)
     return out
+
+
+def decode_attention_reference(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, lengths: Tensor, scale: float
+) -> Tensor:
+    """out[b, h] = softmax(scale * q[b, h] . K[rows[b], h // G, :lengths[b]]^T) @ V[same rows].
+
+    Shapes: q (B, H, D), k_cache, v_cache (N_rows, H_kv, S, D), rows, lengths (B,) int,
+    G = H // H_kv. One (b, h) at a time, in float64; returns float64 (B, H, D). Lengths are
+    clamped to [0, S] as the kernels do, and a length of 0 gives zeros (an empty softmax).
+    """
+    B, H, D = q.shape
+    G = H // k_cache.shape[1]
+    out = torch.zeros((B, H, D), dtype=torch.float64, device=q.device)  # (B, H, D)
+    for b, (row, n) in enumerate(zip(rows.tolist(), lengths.tolist(), strict=True)):
+        n = max(n, 0)  # a negative slice end would count from the back; > S slices to S
+        for h in range(H):
+            k = k_cache[row, h // G, :n].double()  # (n, D)
+            v = v_cache[row, h // G, :n].double()  # (n, D)
+            w = torch.softmax(scale * (k @ q[b, h].double()), dim=0)  # (n,)
+            out[b, h] = w @ v
+    return out

@@ -39,6 +39,7 @@ from adapters.adapter import Adapter, save_adapter  # noqa: E402
 from adapters.demo_tasks import build_tokenizer  # noqa: E402
 from adapters.format import BaseShapes, load_lora_adapter  # noqa: E402
 from server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
+from server.engine.cuda_graphs import Capture  # noqa: E402
 from server.engine.loader import read_config  # noqa: E402
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
@@ -187,6 +188,7 @@ def make_engine(
     rank: int,
     device: str = "cpu",
     dtype: str = "float32",
+    graph_capture: Capture | None = None,
 ) -> Engine:
     """An engine on root/base sized for the workload, with every named adapter resident."""
     every = [n for kind_names in names.values() for n in kind_names]
@@ -200,6 +202,7 @@ def make_engine(
             device=device,
             dtype=dtype,
         ),
+        graph_capture=graph_capture,
     )
     for n in every:
         engine.add_adapter(n, root / n)

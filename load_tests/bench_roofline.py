@@ -182,17 +182,15 @@ def _labels(engine: Engine) -> Iterator[None]:
     """Profiler ranges around the LM head, attention (KV cache + attend) and the adapter hook,
     patched in for the profiled steps only."""
     hook, logits = engine._hook, engine.model.logits
-    kv, attend = model_base.cached_kv, model_base.attend
+    attention = model_base.cached_attention
     engine._hook = lambda step: None if (h := hook(step)) is None else _LabelledHook(h)  # type: ignore[method-assign]
     engine.model.logits = _labelled(logits, LABELS["lm_head"])  # type: ignore[method-assign]
-    gpt2.attend = llama.attend = _labelled(attend, LABELS["attention"])
-    gpt2.cached_kv = llama.cached_kv = _labelled(kv, LABELS["attention"])
+    gpt2.cached_attention = llama.cached_attention = _labelled(attention, LABELS["attention"])
     try:
         yield
     finally:
         del engine._hook, engine.model.logits
-        gpt2.attend = llama.attend = attend
-        gpt2.cached_kv = llama.cached_kv = kv
+        gpt2.cached_attention = llama.cached_attention = attention
 
 
 def breakdown_s(

@@ -6,10 +6,12 @@
 #                                       CUDA against the CPU fp32 engine, mixed rows == solo)
 #   3. the SGMV kernel micro-benchmark: shrink/expand vs the torch path, GB/s and the share of
 #                                       the card's memory bandwidth (bench_gpu_kernels.py)
-#   4. the decode-step roofline on CUDA: bench_roofline.py --device cuda (bf16, both bases:
+#   4. CUDA graphs against eager steps: bench_cuda_graphs.py (bf16, both bases, batch 1/8/32,
+#                                       no adapter / 32 LoRA / 32 LoRA+DEU: ms per step, ratio)
+#   5. the decode-step roofline on CUDA: bench_roofline.py --device cuda (bf16, both bases:
 #                                       step vs the sum of its isolated GEMMs, adapter overhead)
-#   5. the offline engine on the GPU:   bench_offline.py --device cuda --dtype float16
-#   6. bench_offline.py --smoke         (the script itself pins the CPU; checks it still runs)
+#   6. the offline engine on the GPU:   bench_offline.py --device cuda --dtype float16
+#   7. bench_offline.py --smoke         (the script itself pins the CPU; checks it still runs)
 # Each step has its own timeout; a failing step is reported and the others still run; the exit
 # status is non-zero if any step failed. Logs and JSON go to $OUT (default load_tests/results/gpu).
 #
@@ -22,7 +24,7 @@ DRY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg" >&2; exit 2 ;;
   esac
 done
@@ -34,11 +36,12 @@ fi
 OUT_DIR=${OUT:-load_tests/results/gpu}
 
 STEPS=(
-  "200 pytest_gpu       $PY -m pytest -m gpu tests/kernels tests/engine -q -p no:cacheprovider"
-  "100 kernels          $PY load_tests/bench_gpu_kernels.py --json $OUT_DIR/gpu_kernels.json"
-  "110 roofline_gpu     $PY load_tests/bench_roofline.py --device cuda --dtypes bfloat16 --json $OUT_DIR/roofline_gpu.json"
-  "150 offline_gpu      $PY load_tests/bench_offline.py --device cuda --dtype float16 --skip-peft --json $OUT_DIR/offline_gpu.json"
-  "60  offline_smoke    $PY load_tests/bench_offline.py --smoke --skip-peft"
+  "160 pytest_gpu       $PY -m pytest -m gpu tests/kernels tests/engine -q -p no:cacheprovider"
+  "70  kernels          $PY load_tests/bench_gpu_kernels.py --json $OUT_DIR/gpu_kernels.json"
+  "120 cuda_graphs      $PY load_tests/bench_cuda_graphs.py --json $OUT_DIR/cuda_graphs.json"
+  "100 roofline_gpu     $PY load_tests/bench_roofline.py --device cuda --dtypes bfloat16 --json $OUT_DIR/roofline_gpu.json"
+  "80  offline_gpu      $PY load_tests/bench_offline.py --device cuda --dtype float16 --skip-peft --json $OUT_DIR/offline_gpu.json"
+  "40  offline_smoke    $PY load_tests/bench_offline.py --smoke --skip-peft"
 )
 
 if [[ $DRY == 1 ]]; then
@@ -48,7 +51,8 @@ if [[ $DRY == 1 ]]; then
   $PY load_tests/bench_gpu_kernels.py --dry-run
   $PY load_tests/bench_gpu_kernels.py --help > /dev/null
   $PY load_tests/bench_roofline.py --help > /dev/null
-  $PY -c "import kernels, kernels.lora, kernels.deu, server.engine; print('imports ok')"
+  $PY load_tests/bench_cuda_graphs.py --help > /dev/null
+  $PY -c "import kernels, kernels.lora, kernels.deu, kernels.attention, server.engine.cuda_graphs; print('imports ok')"
   echo "gpu_check.sh --dry-run: ok"
   exit 0
 fi

@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     merge_hot_adapters: bool = Field(
         True, description="serve a dominant adapter from merged weights"
     )
+    cuda_graphs: bool = Field(
+        True, description="CUDA: replay decode steps from graphs captured per batch bucket"
+    )
     merge_min_share: float = Field(0.75, gt=0, le=1, description="share of running rows to merge")
     merge_min_rows: int = Field(4, ge=1, description="running rows needed before merging")
     seed_demo_adapters: bool = Field(True, description="put the demo adapters in an empty store")

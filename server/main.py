@@ -44,6 +44,7 @@ def build_state(settings: Settings) -> AppState:
         device=settings.device,
         dtype=settings.dtype,
         detokenize=False,  # the API detokenizes (EngineClient)
+        cuda_graphs=settings.cuda_graphs,
     )
     inputs = InputProcessor.from_model_dir(settings.model, engine_config)
     store = AdapterStore(

@@ -36,6 +36,15 @@ def _row_range(rows: list[int]) -> tuple[int, int] | None:
     return (lo, lo + len(rows)) if rows == list(range(lo, lo + len(rows))) else None
 
 
+def lora_rows(slots: list[int], merged_slot: int | None) -> tuple[list[int], list[int] | None]:
+    """Each row's LoRA slot to add, and (with a merged adapter) the merged slot to subtract:
+    the merged adapter's own rows do neither, every other row subtracts it."""
+    if merged_slot is None:
+        return slots, None
+    plus = [-1 if s == merged_slot else s for s in slots]
+    return plus, [-1 if s == merged_slot else merged_slot for s in slots]
+
+
 def build_step(
     kv: KVCache,
     rows: list[int],
@@ -76,12 +85,11 @@ def build_step(
             k if i < n else -1 for k, n in zip(row_slots, lengths, strict=True) for i in range(L)
         ]
 
-    plus = per_token([-1 if s == merged_slot else s for s in slots])
+    plus_rows, minus_rows = lora_rows(slots, merged_slot)
+    plus = per_token(plus_rows)
     minus = None
-    if merged_slot is not None:
-        minus = build_lora_meta(
-            per_token([-1 if s == merged_slot else merged_slot for s in slots]), device, row_widths
-        )
+    if minus_rows is not None:
+        minus = build_lora_meta(per_token(minus_rows), device, row_widths)
     attn = AttnBatch(
         k_cache=kv.k,
         v_cache=kv.v,

@@ -34,6 +34,9 @@ class EngineConfig:
     # False: outputs carry token ids only (no text, no stop strings). The server's engine
     # process runs so: its API process detokenizes, off the engine's critical path.
     detokenize: bool = True
+    # CUDA only: replay decode steps from graphs captured per batch-size bucket (False: every
+    # step launches its kernels one by one, as prefill always does).
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for key in ("max_batch", "max_adapters", "max_rank"):

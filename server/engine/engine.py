@@ -17,8 +17,9 @@ from pathlib import Path
 import torch
 
 from adapters.adapter import Adapter, load_adapter
-from server.engine.batch import StepBatch, build_step
+from server.engine.batch import StepBatch, build_step, lora_rows
 from server.engine.config import EngineConfig
+from server.engine.cuda_graphs import Capture, DecodeGraphs, cuda_capture
 from server.engine.errors import EngineError, RequestError
 from server.engine.hook import BatchAdapters
 from server.engine.inputs import InputProcessor
@@ -68,8 +69,17 @@ class Engine:
     """A frozen base model serving many LoRA and DEU adapters in mixed batches."""
 
     def __init__(
-        self, model: CausalLM, tokenizer: TextTokenizer, config: EngineConfig, model_dir: Path
+        self,
+        model: CausalLM,
+        tokenizer: TextTokenizer,
+        config: EngineConfig,
+        model_dir: Path,
+        *,
+        graph_capture: Capture | None = None,
     ) -> None:
+        """`graph_capture` replaces CUDA graph capture (tests run the graph path on the CPU
+        with one that replays by calling); by default a CUDA engine with config.cuda_graphs
+        captures its decode steps."""
         self.model, self.tokenizer, self.config = model, tokenizer, config
         cfg = self.model_config = model.cfg
         self.model_dir = model_dir
@@ -79,8 +89,24 @@ class Engine:
         self.max_seq_len = self.inputs.max_seq_len
         self.base_shapes = self.inputs.base_shapes
         self.eos_token_ids = self.inputs.eos_token_ids
-        self.kv = KVCache(cfg, config.max_batch, self.max_seq_len, self.device, self.dtype)
+        if graph_capture is None and config.cuda_graphs and self.device.type == "cuda":
+            graph_capture = cuda_capture()
+        self.kv = KVCache(
+            cfg,
+            config.max_batch,
+            self.max_seq_len,
+            self.device,
+            self.dtype,
+            scratch=graph_capture is not None,
+        )
         self.residents = Residents(model, config, self.device, self.dtype)
+        self.graphs = (
+            None
+            if graph_capture is None
+            else DecodeGraphs(
+                model, self.kv, self.residents, config.max_batch, self.device, graph_capture
+            )
+        )
         self._waiting: deque[_Request] = deque()
         self._running: dict[str, _Request] = {}
         self._ids = itertools.count()
@@ -94,6 +120,7 @@ class Engine:
         *,
         device: str | None = None,
         dtype: str | None = None,
+        graph_capture: Capture | None = None,
     ) -> Engine:
         """Load a Hugging Face model directory: config.json (model_type gpt2, llama, mistral,
         qwen2 or qwen3), model.safetensors (or sharded), tokenizer.json (+ tokenizer_config.json,
@@ -109,7 +136,7 @@ class Engine:
             )
         model_dir = Path(model_dir)
         model, _ = load_model(model_dir, config.torch_device(), config.torch_dtype())
-        return cls(model, load_tokenizer(model_dir), config, model_dir)
+        return cls(model, load_tokenizer(model_dir), config, model_dir, graph_capture=graph_capture)
 
     # ------------------------------------------------------------------ adapters
 
@@ -162,10 +189,14 @@ class Engine:
     def merge_adapter(self, name: str) -> None:
         """Serve `name`'s LoRA from merged weights (see Residents.merge)."""
         self.residents.merge(name)
+        if self.graphs is not None:
+            self.graphs.reset()
 
     def unmerge_adapter(self) -> None:
         """Put the pristine base weights back (bit-exact)."""
         self.residents.unmerge()
+        if self.graphs is not None:
+            self.graphs.reset()
 
     # ------------------------------------------------------------------ requests
 
@@ -288,17 +319,14 @@ class Engine:
     def _forward(
         self, batch: list[_Request], tokens: list[list[int]], starts: list[int], prefill: bool
     ) -> list[StepOutput]:
-        step, hidden = self._run(
-            [r.row for r in batch],
-            tokens,
-            starts,
-            [r.lora_slot for r in batch],
-            [r.deu_slot for r in batch],
-        )
-        last = hidden[torch.arange(len(batch), device=self.device), step.last]  # (B, d)
-        logits = self.model.logits(last)  # (B, V)
-        if prefill:
-            for b, req in enumerate(batch):
+        rows = [r.row for r in batch]
+        lora, deu = [r.lora_slot for r in batch], [r.deu_slot for r in batch]
+        logits = None if prefill else self._decode_graphed(rows, tokens, starts, lora, deu)
+        if logits is None:
+            step, hidden = self._run(rows, tokens, starts, lora, deu)
+            last = hidden[torch.arange(len(batch), device=self.device), step.last]  # (B, d)
+            logits = self.model.logits(last)  # (B, V)
+            for b, req in enumerate(batch if prefill else ()):
                 k = req.params.prompt_logprobs
                 if k is not None:
                     n = len(req.prompt_ids)
@@ -317,8 +345,7 @@ class Engine:
                 cut = params[b].logprobs or 0
                 batch[b].logprobs.append(TokenLogprob(lp.token_id, lp.logprob, lp.top[:cut]))
         return [
-            self._advance(req, tok, first=prefill)
-            for req, tok in zip(batch, next_ids, strict=True)
+            self._advance(req, tok, first=prefill) for req, tok in zip(batch, next_ids, strict=True)
         ]
 
     def _run(
@@ -345,6 +372,21 @@ class Engine:
             self.residents.lora.row_widths,
         )
         return step, self.model(step.input_ids, step.positions, step.attn, self._hook(step))
+
+    def _decode_graphed(
+        self,
+        rows: list[int],
+        tokens: list[list[int]],
+        starts: list[int],
+        lora_slots: list[int],
+        deu_slots: list[int],
+    ) -> torch.Tensor | None:
+        """A decode step's logits (B, V) from a captured graph, or None (run it eagerly)."""
+        if self.graphs is None:
+            return None
+        merged = self.residents.merged
+        plus, minus = lora_rows(lora_slots, None if merged is None else merged.slot)
+        return self.graphs.decode(rows, [t[0] for t in tokens], starts, plus, minus, deu_slots)
 
     def _hook(self, step: StepBatch) -> BatchAdapters | None:
         if not step.has_adapters:

@@ -18,12 +18,16 @@ class KVCache:
         max_seq_len: int,
         device: torch.device,
         dtype: torch.dtype,
+        scratch: bool = False,
     ) -> None:
-        # Only the KV heads are stored: grouped-query heads share them.
-        shape = (cfg.n_layer, max_rows, cfg.n_kv_head, max_seq_len, cfg.head_dim)
+        # Only the KV heads are stored: grouped-query heads share them. With `scratch`, one more
+        # row that is never handed out takes the writes of a fixed-shape step's padding rows.
+        rows = max_rows + int(scratch)
+        shape = (cfg.n_layer, rows, cfg.n_kv_head, max_seq_len, cfg.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # (n_layer, rows, H_kv, S, D)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_rows, self.max_seq_len = max_rows, max_seq_len
+        self.scratch_row = max_rows if scratch else None
         self._free = list(range(max_rows - 1, -1, -1))  # pop() hands out low rows first
 
     @property

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adapters.layout import ModuleLayout
+from kernels.attention import decode_attention
 from server.engine.errors import ModelLoadError
 
 
@@ -43,17 +44,41 @@ class AttnBatch:
     # Where each query token's key of each KV head goes in one layer's cache flattened to
     # (max_rows * H_kv * S, D): one index_put per layer instead of a 3-index scatter.
     kv_index: Tensor  # (B, L, H_kv) int64
-    bias: Tensor  # (B, 1, L, S_used) in the model's dtype: 0 = attend, -inf = masked
+    bias: Tensor | None  # (B, 1, L, S_used) in the model's dtype: 0 = attend, -inf = masked
     s_used: int  # cache positions any query of this step can see
+    # Set for a decode step of fixed shape (a CUDA graph's): row b's query sees cache positions
+    # [0, lengths[b]) of cache row rows[b], read in place by decode_attention (no bias, no view).
+    lengths: Tensor | None = None  # (B,) int64
+
+
+def cached_attention(
+    attn: AttnBatch, layer: int, q: Tensor, k: Tensor, v: Tensor, scale: float
+) -> Tensor:
+    """Write this step's keys/values (B, H_kv, L, D) into the cache, then attend the queries
+    q (B, H, L, D) to every cached position each may see: (B, H, L, D)."""
+    if attn.lengths is not None:  # fixed-shape decode: the cache is read in place
+        kc, vc = _write_kv(attn, layer, k, v)
+        o = decode_attention(q[:, :, 0], kc, vc, attn.rows, attn.lengths, scale)  # (B, H, D)
+        return o.unsqueeze(2)
+    if attn.bias is None:
+        raise ValueError("an AttnBatch needs a bias or lengths")
+    k, v = cached_kv(attn, layer, k, v)  # (B, H_kv, S_used, D)
+    return attend(q, k, v, attn.bias, scale)
+
+
+def _write_kv(attn: AttnBatch, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Write keys/values (B, H_kv, L, D) at kv_index; the layer's caches (max_rows, H_kv, S, D)."""
+    kc, vc = attn.k_cache[layer], attn.v_cache[layer]  # (max_rows, H_kv, S, D)
+    D = kc.shape[-1]
+    kc.view(-1, D).index_put_((attn.kv_index,), k.transpose(1, 2))  # (B, L, H_kv, D) rows
+    vc.view(-1, D).index_put_((attn.kv_index,), v.transpose(1, 2))
+    return kc, vc
 
 
 def cached_kv(attn: AttnBatch, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Write this step's keys/values (B, H_kv, L, D) into the cache; return everything the
     queries may see, (B, H_kv, S_used, D)."""
-    kc, vc = attn.k_cache[layer], attn.v_cache[layer]  # (max_rows, H_kv, S, D)
-    D = kc.shape[-1]
-    kc.view(-1, D).index_put_((attn.kv_index,), k.transpose(1, 2))  # (B, L, H_kv, D) rows
-    vc.view(-1, D).index_put_((attn.kv_index,), v.transpose(1, 2))
+    kc, vc = _write_kv(attn, layer, k, v)
     if attn.row_range is not None:
         lo, hi = attn.row_range
         return kc[lo:hi, :, : attn.s_used], vc[lo:hi, :, : attn.s_used]

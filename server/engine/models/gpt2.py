@@ -24,8 +24,7 @@ from server.engine.models.base import (
     AdapterHook,
     AttnBatch,
     Linear,
-    attend,
-    cached_kv,
+    cached_attention,
     config_field,
     init_from_scratch,
 )
@@ -154,8 +153,7 @@ class Attention(nn.Module):
         if attn is None:  # training / reference: the whole sequence, no cache
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
         else:
-            k, v = cached_kv(attn, self.layer, k, v)  # (B, H, S_used, D)
-            o = attend(q, k, v, attn.bias, self.scale)  # (B, H, L, D)
+            o = cached_attention(attn, self.layer, q, k, v, self.scale)  # (B, H, L, D)
         o2 = o.transpose(1, 2).reshape(B * L, d)  # (T, d)
         y = self.c_proj(o2)
         if adapters is not None:

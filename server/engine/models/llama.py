@@ -20,8 +20,7 @@ from server.engine.models.base import (
     AdapterHook,
     AttnBatch,
     Linear,
-    attend,
-    cached_kv,
+    cached_attention,
     init_from_scratch,
 )
 from server.engine.models.llama_config import LlamaConfig
@@ -99,8 +98,7 @@ class Attention(nn.Module):
                 q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa
             )
         else:
-            k, v = cached_kv(attn, self.layer, k, v)  # (B, H_kv, S_used, D)
-            o = attend(q, k, v, attn.bias, self.scale)  # (B, H, L, D)
+            o = cached_attention(attn, self.layer, q, k, v, self.scale)  # (B, H, L, D)
         o2 = o.transpose(1, 2).reshape(B * L, self.n_head * self.head_dim)  # (T, H * D)
         y = self.o_proj(o2)
         if adapters is not None:

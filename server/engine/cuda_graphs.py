@@ -1,0 +1,213 @@
+"""Decode steps replayed from CUDA graphs, one set per batch-size bucket (as vLLM and gpt-fast).
+
+A decode step of a small model on a GPU costs more in kernel launches (~20 a layer, a few us
+each) than in arithmetic; a graph launches a whole step at once. A graph replays fixed
+addresses and shapes, so every bucket reads one static int64 block that each step is copied
+into with one host->device copy, and everything the step derives from it is built from device
+ops inside the graph: the per-token adapter metas (kernels.lora.per_token_meta), the KV-cache
+write index, and attention that reads the cache by row and length (kernels.decode_attention).
+A batch smaller than its bucket is padded with rows that write the KV cache's scratch row and
+whose logits are dropped.
+
+Graphs are keyed by (bucket, which adapter ops run) and captured on first use. Prefill, and a
+decode step no bucket holds, run eagerly. Replacing a weight tensor (merging an adapter) drops
+them: a graph would keep reading the old one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from kernels import build_lora_meta
+from kernels.lora import LoRAMeta, per_token_meta
+from server.engine.errors import EngineError
+from server.engine.hook import BatchAdapters
+from server.engine.kv_cache import KVCache
+from server.engine.models import AttnBatch, CausalLM
+from server.engine.residents import Residents
+
+log = logging.getLogger(__name__)
+
+# Records fn (run once or more) and returns what replays it and yields its output tensor.
+Capture = Callable[[Callable[[], Tensor]], Callable[[], Tensor]]
+# (plus LoRA, minus LoRA of a merged adapter, DEU): the adapter ops a graph runs.
+Variant = tuple[bool, bool, bool]
+
+_IDS, _POSITIONS, _ROWS, _PLUS, _MINUS, _DEU = range(6)  # rows of the static block
+_WARMUP_RUNS = 2
+
+
+def cuda_capture() -> Capture:
+    """Capture on the current CUDA device, every graph in one shared memory pool (graphs are
+    replayed one at a time, and a step's logits are read before the next replay)."""
+    pool = torch.cuda.graph_pool_handle()
+
+    def capture(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        # Warm up on a side stream: Triton compiles and cuBLAS picks its kernels there, so the
+        # capture records launches only.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_RUNS):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = fn()
+
+        def replay() -> Tensor:
+            graph.replay()
+            return out
+
+        return replay
+
+    return capture
+
+
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Powers of two below max_batch, and max_batch: a step pads to the smallest that holds it."""
+    sizes = {max_batch}
+    b = 1
+    while b < max_batch:
+        sizes.add(b)
+        b *= 2
+    return tuple(sorted(sizes))
+
+
+class DecodeGraphs:
+    """Captured decode steps of one model over one KV cache and one set of adapter slots."""
+
+    def __init__(
+        self,
+        model: CausalLM,
+        kv: KVCache,
+        residents: Residents,
+        max_batch: int,
+        device: torch.device,
+        capture: Capture,
+    ) -> None:
+        if kv.scratch_row is None:
+            raise EngineError("CUDA graphs need a KV cache with a scratch row")
+        self.model, self.kv, self.residents = model, kv, residents
+        self._scratch_row: int = kv.scratch_row
+        self.buckets = batch_buckets(max_batch)
+        self._capture = capture
+        self._graphs: dict[tuple[int, Variant], Callable[[], Tensor]] = {}
+        n = self.buckets[-1]
+        # The one block every graph reads, and its host staging copy (pinned on CUDA, so the
+        # copy is one DMA the host does not wait for).
+        self._static = torch.zeros(6, n, dtype=torch.long, device=device)  # (6, B_max)
+        self._host = torch.zeros(6, n, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._heads = torch.arange(kv.k.shape[2], device=device)  # (H_kv,)
+        self._no_lora = build_lora_meta([], device)  # built here: capture copies nothing in
+        self.captures = self.replays = 0
+
+    def reset(self) -> None:
+        """Drop every graph (the weights they read were replaced); later steps recapture."""
+        self._graphs.clear()
+
+    def bucket(self, batch: int) -> int | None:
+        return next((b for b in self.buckets if b >= batch), None)
+
+    def decode(
+        self,
+        rows: Sequence[int],
+        tokens: Sequence[int],
+        starts: Sequence[int],
+        plus: Sequence[int],
+        minus: Sequence[int] | None,
+        deu: Sequence[int],
+    ) -> Tensor | None:
+        """Logits (B, V) of one decode step, or None when no bucket holds it (run it eagerly).
+
+        Row b feeds tokens[b] at position starts[b] of cache row rows[b] with LoRA slot plus[b],
+        the merged adapter's slot minus[b] (None: no merged adapter) and DEU slot deu[b].
+        """
+        B = len(rows)
+        size = self.bucket(B)
+        if size is None or B == 0:
+            return None
+        if max(starts) >= self.kv.max_seq_len:
+            raise EngineError(
+                f"positions reach {max(starts)}, past the KV cache's {self.kv.max_seq_len}"
+            )
+        variant = (any(s >= 0 for s in plus), minus is not None, any(s >= 0 for s in deu))
+        host = self._host[:, :size]
+        host[_IDS, :B] = torch.tensor(tokens)
+        host[_POSITIONS, :B] = torch.tensor(starts)
+        host[_ROWS, :B] = torch.tensor(rows)
+        host[_PLUS, :B] = torch.tensor(plus)
+        host[_MINUS, :B] = torch.tensor(minus if minus is not None else [-1] * B)
+        host[_DEU, :B] = torch.tensor(deu)
+        self._pad(host, B)
+        self._static[:, :size].copy_(host, non_blocking=True)
+        replay = self._graphs.get((size, variant))
+        if replay is None:
+            replay = self._record(size, variant)
+        self.replays += 1
+        return replay()[:B]
+
+    def _pad(self, host: Tensor, B: int) -> None:
+        """Rows past B: token 0 at position 0 of the scratch row, no adapter."""
+        host[:, B:] = -1
+        host[_IDS, B:] = 0
+        host[_POSITIONS, B:] = 0
+        host[_ROWS, B:] = self._scratch_row
+
+    def _record(self, size: int, variant: Variant) -> Callable[[], Tensor]:
+        # Capturing runs the step on what the block holds: make all of it padding, so those
+        # runs write the scratch row only, whatever the rows of the step that asked for it.
+        block = self._static[:, :size]
+        saved = block.clone()
+        pad = self._host[:, :size].clone()
+        self._pad(pad, 0)
+        block.copy_(pad)
+        replay = self._capture(lambda: self._step(size, variant))
+        block.copy_(saved)
+        self._graphs[(size, variant)] = replay
+        self.captures += 1
+        log.info("captured a decode graph: batch %d, adapters %s", size, variant)
+        return replay
+
+    def _step(self, size: int, variant: Variant) -> Tensor:
+        """The step as device ops on the static block: logits (size, V)."""
+        block = self._static[:, :size]
+        ids, positions, rows = block[_IDS], block[_POSITIONS], block[_ROWS]  # (size,) each
+        kv = self.kv
+        S = kv.max_seq_len
+        kv_index = (rows[:, None] * self._heads.numel() + self._heads) * S + positions[:, None]
+        attn = AttnBatch(
+            k_cache=kv.k,
+            v_cache=kv.v,
+            rows=rows,
+            row_range=None,
+            positions=positions[:, None],  # (size, 1)
+            kv_index=kv_index[:, None],  # (size, 1, H_kv)
+            bias=None,
+            s_used=S,  # the rope table Llama looks up then spans the whole cache: never regrown
+            lengths=positions + 1,
+        )
+        hidden = self.model(ids[:, None], positions[:, None], attn, self._hook(block, variant))
+        return self.model.logits(hidden[:, 0])  # (size, V)
+
+    def _hook(self, block: Tensor, variant: Variant) -> BatchAdapters | None:
+        if not any(variant):
+            return None
+        r = self.residents
+        plus, minus, deu = variant
+        n = r.lora.max_slots
+
+        def meta(on: bool, row: int) -> LoRAMeta:
+            return per_token_meta(block[row], n) if on else self._no_lora
+
+        return BatchAdapters(
+            r.lora,
+            r.deu,
+            meta(plus, _PLUS),
+            meta(minus, _MINUS) if minus else None,
+            meta(deu, _DEU),
+        )
