@@ -2,9 +2,10 @@
 
 For each base (`--models`: GPT-2-small and SmolLM-135M shapes, random weights) and dtype
 (`--dtypes`), in one run:
-  1. ideal: every base GEMM of one decode step (each layer's adapter-target projections, then
-     the LM head) timed in isolation at its exact shape, dtype and weight layout, in the order
-     the step runs them (so each weight is read from memory as in the step), summed;
+  1. ideal: every base GEMM of one decode step (each layer's projection GEMMs as the forward
+     runs them, a Llama's q/k/v and gate/up fused, then the LM head) timed in isolation at
+     its exact shape, dtype and weight layout, in the order the step runs them (so each
+     weight is read from memory as in the step), summed;
   2. measured: the median engine decode step at batch `--batch` (32-token prompts, greedy),
      with 0, 1, 8 and 32 distinct adapters of each kind (LoRA rank 16, DEU, LoRA+DEU);
   3. breakdown of that step from a torch.profiler pass: base GEMMs, LM head, attention (the
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -103,16 +105,15 @@ def ideal_gemms(engine: Engine, batch: int) -> dict[str, float]:
     its median over the repeats, so a preempted call does not count.
     """
     model, cfg = engine.model, engine.model_config
-    dims = list(cfg.target_dims().values())
     sync = _sync(engine.device)
     make = {"device": engine.device, "dtype": engine.dtype}
-    xs = [torch.randn(batch, d_in, **make) for d_in, _ in dims]  # (B, d_in) per target
-    hidden = torch.randn(batch, dims[0][0], **make)  # (B, d)
+    hidden = torch.randn(batch, next(iter(cfg.target_dims().values()))[0], **make)  # (B, d)
     calls: list[tuple[str, Callable[[], Any]]] = []
     for layer in range(cfg.n_layer):
-        for t, x in enumerate(xs):
-            proj = model.target(layer, t)
-            calls.append(("base", lambda proj=proj, x=x: proj(x)))
+        # The GEMMs the forward runs (a Llama's q/k/v and gate/up fused), each on its own x.
+        for w, b in model.base_gemms(layer):
+            x = torch.randn(batch, w.shape[1], **make)  # (B, d_in)
+            calls.append(("base", lambda x=x, w=w, b=b: F.linear(x, w, b)))
     calls.append(("lm_head", lambda: model.logits(hidden)))
     times: list[list[float]] = [[] for _ in calls]
     with torch.inference_mode():

@@ -10,8 +10,9 @@ A batch smaller than its bucket is padded with rows that write the KV cache's sc
 whose logits are dropped.
 
 Graphs are keyed by (bucket, which adapter ops run) and captured on first use. Prefill, and a
-decode step no bucket holds, run eagerly. Replacing a weight tensor (merging an adapter) drops
-them: a graph would keep reading the old one.
+decode step no bucket holds, run eagerly. Everything a graph reads is updated in place: slot
+buffers, and merged weights (Residents.merge copies into the base weights), so no graph goes
+stale.
 """
 
 from __future__ import annotations
@@ -105,10 +106,6 @@ class DecodeGraphs:
         self._heads = torch.arange(kv.k.shape[2], device=device)  # (H_kv,)
         self._no_lora = build_lora_meta([], device)  # built here: capture copies nothing in
         self.captures = self.replays = 0
-
-    def reset(self) -> None:
-        """Drop every graph (the weights they read were replaced); later steps recapture."""
-        self._graphs.clear()
 
     def bucket(self, batch: int) -> int | None:
         return next((b for b in self.buckets if b >= batch), None)

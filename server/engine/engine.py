@@ -189,14 +189,10 @@ class Engine:
     def merge_adapter(self, name: str) -> None:
         """Serve `name`'s LoRA from merged weights (see Residents.merge)."""
         self.residents.merge(name)
-        if self.graphs is not None:
-            self.graphs.reset()
 
     def unmerge_adapter(self) -> None:
         """Put the pristine base weights back (bit-exact)."""
         self.residents.unmerge()
-        if self.graphs is not None:
-            self.graphs.reset()
 
     # ------------------------------------------------------------------ requests
 

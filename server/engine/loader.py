@@ -119,6 +119,8 @@ def load_model(
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
     model.requires_grad_(False).eval()
+    with torch.no_grad():
+        cast(CausalLM, model).fuse_projections()
     log.info("loaded %s (%s): %d layers on %s/%s", cfg.name, cfg.layout.family, cfg.n_layer,
              device, dtype)
     return cast(CausalLM, model), cfg

@@ -51,7 +51,7 @@ class Residents:
         self._by_name: dict[str, Resident] = {}
         self._free_slots = list(range(config.max_adapters - 1, -1, -1))
         self._merged: Resident | None = None
-        self._pristine: dict[tuple[int, int], torch.nn.Parameter] = {}
+        self._pristine: dict[tuple[int, int], torch.Tensor] = {}
 
     def __contains__(self, name: str) -> bool:
         return name in self._by_name
@@ -142,17 +142,19 @@ class Residents:
             t = self.lora.targets.index(m.target)
             mod = self.model.target(m.layer, t)
             merged = mod.merged_weight(self.lora.delta(m.layer, t, res.slot))
-            self._pristine[(m.layer, t)] = mod.weight
-            mod.weight = torch.nn.Parameter(merged, requires_grad=False)
+            # In place: a fused projection's weight is a view of its fused GEMM's, and a
+            # captured CUDA graph keeps reading the same address.
+            self._pristine[(m.layer, t)] = mod.weight.detach().clone()
+            mod.weight.copy_(merged)
         self._merged = res
         res.refs += 1  # the weights use it: its slot must outlive a removal
 
     def unmerge(self) -> None:
-        """Put the pristine base weights back (the very tensors, so bit-exact)."""
+        """Put the pristine base weights back (copies of their bits, so bit-exact)."""
         if self._merged is None:
             return
         for (layer, t), weight in self._pristine.items():
-            self.model.target(layer, t).weight = weight
+            self.model.target(layer, t).weight.copy_(weight)
         self._pristine.clear()
         res, self._merged = self._merged, None
         self.release(res)

@@ -3,7 +3,7 @@ read/write, and the small interfaces the engine reads from a family's config and
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -158,6 +158,24 @@ class Linear(nn.Module):
         return (self.weight.float() + delta).to(self.weight.dtype)  # (d_out, d_in)
 
 
+def fuse_linears(mods: Sequence[Linear]) -> tuple[Tensor, Tensor | None]:
+    """One [sum of d_out, d_in] weight (and bias) for projections of one input; each module's
+    weight and bias become views of their row block, so a merge written into a module (in place)
+    is what the fused GEMM multiplies. One GEMM instead of len(mods): in bf16 on the CPU,
+    SmolLM's q/k/v took 74.5 us fused against 109.5 us as three (batch 32)."""
+    weight = torch.cat([m.weight for m in mods])  # (sum d_out, d_in)
+    biases = [m.bias for m in mods]
+    bias = None if any(b is None for b in biases) else torch.cat(biases)  # type: ignore[arg-type]
+    start = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight = nn.Parameter(weight[start : start + n], requires_grad=False)
+        if bias is not None:
+            m.bias = nn.Parameter(bias[start : start + n], requires_grad=False)
+        start += n
+    return weight, bias
+
+
 class Projection(Protocol):
     """An adaptable projection: its weight can take a merged dense update."""
 
@@ -228,5 +246,13 @@ class CausalLM(Protocol):
     def logits(self, hidden: Tensor) -> Tensor: ...
 
     def target(self, layer: int, target: int) -> Projection: ...
+
+    def fuse_projections(self) -> None:
+        """Serve projections of one input as one GEMM (after the weights are loaded)."""
+        ...
+
+    def base_gemms(self, layer: int) -> list[tuple[Tensor, Tensor | None]]:
+        """The (weight [out, in], bias) of every projection GEMM a layer's forward runs."""
+        ...
 
     def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]: ...

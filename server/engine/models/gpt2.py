@@ -235,6 +235,12 @@ class GPT2(nn.Module):
         mods = (block.attn.c_attn, block.attn.c_proj, block.mlp.c_fc, block.mlp.c_proj)
         return mods[target]
 
+    def fuse_projections(self) -> None:
+        """GPT-2's q/k/v are one projection (c_attn) already."""
+
+    def base_gemms(self, layer: int) -> list[tuple[Tensor, Tensor | None]]:
+        return [(m.weight, m.bias) for m in (self.target(layer, t) for t in range(4))]
+
     def hf_state_dict(self) -> dict[str, Tensor]:
         """The weights under GPT2LMHeadModel's names and layout (lm_head is tied, so not
         written): projection weights back to Conv1D's [in, out]."""

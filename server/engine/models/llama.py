@@ -21,6 +21,7 @@ from server.engine.models.base import (
     AttnBatch,
     Linear,
     cached_attention,
+    fuse_linears,
     init_from_scratch,
 )
 from server.engine.models.llama_config import LlamaConfig
@@ -65,14 +66,23 @@ class Attention(nn.Module):
             layer, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         )
         self.scale = cfg.head_dim**-0.5
+        self.qkv: tuple[Tensor, Tensor | None] | None = None  # set by fuse()
+        self.qkv_sizes = (cfg.n_head * cfg.head_dim, *[cfg.n_kv_head * cfg.head_dim] * 2)
 
-    def _project(
-        self, x2: Tensor, target: int, proj: Linear, norm: RMSNorm | None, heads: int, B: int,
-        adapters: AdapterHook | None,
-    ) -> Tensor:
-        y = proj(x2)  # (T, heads * D)
+    def fuse(self) -> None:
+        self.qkv = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+
+    def _project(self, x2: Tensor, adapters: AdapterHook | None) -> list[Tensor]:
+        """q, k, v (T, heads * D): one GEMM once fused, then each target's adapter delta."""
+        if self.qkv is None:  # training and reference use: three Parameters to differentiate
+            ys = [p(x2) for p in (self.q_proj, self.k_proj, self.v_proj)]
+        else:
+            ys = list(F.linear(x2, *self.qkv).split(self.qkv_sizes, dim=1))  # column views
         if adapters is not None:
-            y = adapters.lora(self.layer, target, x2, y)
+            ys = [adapters.lora(self.layer, t, x2, y) for t, y in zip((Q, K, V), ys, strict=True)]
+        return ys
+
+    def _heads(self, y: Tensor, norm: RMSNorm | None, heads: int, B: int) -> Tensor:
         y = y.view(B, -1, heads, self.head_dim)  # (B, L, heads, D)
         if norm is not None:
             y = norm(y)
@@ -87,9 +97,10 @@ class Attention(nn.Module):
     ) -> Tensor:
         B, L, d = x.shape
         x2 = x.reshape(B * L, d)  # (T, d)
-        q = self._project(x2, Q, self.q_proj, self.q_norm, self.n_head, B, adapters)
-        k = self._project(x2, K, self.k_proj, self.k_norm, self.n_kv, B, adapters)
-        v = self._project(x2, V, self.v_proj, None, self.n_kv, B, adapters)
+        q2, k2, v2 = self._project(x2, adapters)
+        q = self._heads(q2, self.q_norm, self.n_head, B)
+        k = self._heads(k2, self.k_norm, self.n_kv, B)
+        v = self._heads(v2, None, self.n_kv, B)
         cos, sin = rope
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)  # (B, H, L, D), (B, H_kv, L, D)
         gqa = self.n_kv != self.n_head
@@ -116,12 +127,18 @@ class MLP(nn.Module):
         self.up_proj = Linear(*dims["mlp.up_proj"], bias=cfg.mlp_bias)
         self.down_proj = Linear(*dims["mlp.down_proj"], bias=cfg.mlp_bias)
         self.layer = layer
+        self.gate_up: tuple[Tensor, Tensor | None] | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        self.gate_up = fuse_linears([self.gate_proj, self.up_proj])
 
     def forward(self, x: Tensor, adapters: AdapterHook | None) -> Tensor:
         B, L, d = x.shape
         x2 = x.reshape(B * L, d)  # (T, d)
-        g = self.gate_proj(x2)  # (T, d_ff)
-        u = self.up_proj(x2)  # (T, d_ff)
+        if self.gate_up is None:  # training and reference use
+            g, u = self.gate_proj(x2), self.up_proj(x2)  # (T, d_ff) each
+        else:
+            g, u = F.linear(x2, *self.gate_up).chunk(2, dim=1)  # (T, d_ff) column views
         if adapters is not None:
             g = adapters.lora(self.layer, GATE, x2, g)
             u = adapters.lora(self.layer, UP, x2, u)
@@ -129,7 +146,7 @@ class MLP(nn.Module):
         if adapters is not None:
             a = adapters.activation(self.layer, g, a)
         m = a * u  # (T, d_ff)
-        y = self.down_proj(m)  # (T, d)
+        y = self.down_proj(m)
         if adapters is not None:
             y = adapters.lora(self.layer, DOWN, m, y)
         return y.view(B, L, d)
@@ -214,6 +231,21 @@ class Llama(nn.Module):
         a, m = block.self_attn, block.mlp
         mods = (a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj)
         return mods[target]
+
+    def fuse_projections(self) -> None:
+        """q/k/v and gate/up each become one GEMM (serving; training keeps them apart)."""
+        for layer in range(self.cfg.n_layer):
+            block: Block = self.layers[layer]  # type: ignore[assignment]
+            block.self_attn.fuse()
+            block.mlp.fuse()
+
+    def base_gemms(self, layer: int) -> list[tuple[Tensor, Tensor | None]]:
+        block: Block = self.layers[layer]  # type: ignore[assignment]
+        a, m = block.self_attn, block.mlp
+        if a.qkv is None or m.gate_up is None:
+            return [(p.weight, p.bias) for p in (self.target(layer, t) for t in range(7))]
+        o, down = a.o_proj, m.down_proj
+        return [a.qkv, (o.weight, o.bias), m.gate_up, (down.weight, down.bias)]
 
     def hf_state_dict(self) -> dict[str, Tensor]:
         """The weights under LlamaForCausalLM's names."""
