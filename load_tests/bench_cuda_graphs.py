@@ -19,7 +19,6 @@ import argparse
 import json
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,12 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_offline as bo  # noqa: E402
 import bench_roofline as br  # noqa: E402
 
-from server.engine.cuda_graphs import Capture  # noqa: E402
-
-
-def replay_by_calling(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    fn()
-    return fn
+from server.engine.cuda_graphs import Capture, replay_by_calling  # noqa: E402
 
 
 def run_model(name: str, args: argparse.Namespace, device: str) -> list[dict[str, object]]:

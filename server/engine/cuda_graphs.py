@@ -69,6 +69,14 @@ def cuda_capture() -> Capture:
     return capture
 
 
+def replay_by_calling(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
+    """A capture without a GPU: run the step once (as a capture's warm-up would, on an all-padding
+    block) and replay it by calling it again. It reads the same static block a CUDA graph would,
+    so the graph path runs, and is tested, on the CPU."""
+    fn()
+    return fn
+
+
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
     """Powers of two below max_batch, and max_batch: a step pads to the smallest that holds it."""
     sizes = {max_batch}

@@ -8,7 +8,6 @@ it would on a GPU. The gpu-marked test captures real CUDA graphs.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch
 
 from adapters.format import BaseShapes
 from server.engine import Engine, EngineConfig, SamplingParams
-from server.engine.cuda_graphs import Capture, batch_buckets
+from server.engine.cuda_graphs import Capture, batch_buckets, replay_by_calling
 from server.engine.loader import load_model
 from server.engine.tokenizer import load_tokenizer
 from tests.helpers import (
@@ -31,11 +30,6 @@ from tests.helpers import (
 
 N_LAYER, N_EMBD = 2, 32
 TOL = {"rtol": 1e-4, "atol": 1e-4}  # fp32: decode_attention's sums against SDPA's
-
-
-def replay_by_calling(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    fn()  # as a capture's warm-up runs: on an all-padding block, so it writes the scratch row
-    return fn
 
 
 @pytest.fixture(scope="module")
