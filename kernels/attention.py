@@ -72,6 +72,10 @@ def check_decode_attention_args(
             f"all tensors must be on one device: q {dev}, k_cache {k_cache.device}, "
             f"v_cache {v_cache.device}, rows {rows.device}, lengths {lengths.device}"
         )
+    if B > 1 and (rows.stride(0) != 1 or lengths.stride(0) != 1):
+        raise ValueError(
+            f"rows and lengths must be contiguous, got strides {rows.stride()}, {lengths.stride()}"
+        )
     if D > 1 and (q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1):
         raise ValueError(
             f"q, k_cache, v_cache need a contiguous last dim, got strides q {q.stride()}, "

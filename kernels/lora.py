@@ -61,8 +61,9 @@ class SlotRows:
 class LoRAMeta:
     """Per-step token->slot metadata, built once per step and shared by every layer.
 
-    All tensors live on the step's device (views into one buffer, so building costs a single
-    host->device copy); the ``*_host`` tuples are the same data as Python ints so the CPU path
+    All tensors live on the step's device (build_lora_meta's are views into one buffer, so
+    building costs a single host->device copy; per_token_meta's are built on the device); the
+    ``*_host`` tuples are the same data as Python ints so the CPU path
     never syncs and never re-reads device memory.
     """
 

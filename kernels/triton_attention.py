@@ -25,7 +25,7 @@ from kernels.attention import check_decode_attention_args
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 # Cap on the (BLOCK_G, BLOCK_S, BLOCK_D) product tile, in fp32 elements: past it registers spill.
 _TILE_BUDGET = 8192
-_MIN_BLOCK_S = 16
+_MIN_BLOCK_S = 4  # no tl.dot, so no 16-wide minimum: large G * D tiles get short chunks
 _MAX_BLOCK_S = 64
 
 
@@ -111,7 +111,7 @@ def _pow2(n: int) -> int:
 
 
 def _default_block_s(block_g: int, block_d: int) -> int:
-    """Largest power-of-two chunk in [16, 64] whose product tile fits the register budget."""
+    """Largest power-of-two chunk in [4, 64] whose product tile fits the register budget."""
     fit = max(1, _TILE_BUDGET // (block_g * block_d))
     return max(_MIN_BLOCK_S, min(_MAX_BLOCK_S, 1 << (fit.bit_length() - 1)))
 

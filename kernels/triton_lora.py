@@ -59,32 +59,34 @@ def _sgmv_shrink_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotat
     row_start = tl.load(tile_starts_ptr + tile)
     row_end = tl.load(tile_ends_ptr + tile)
 
-    offs_m = row_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64 sorted positions
-    mask_m = offs_m < row_end
-    tok = tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0)  # (BLOCK_M,) int64
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
-    mask_r = offs_r < rank
-    offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
+    # An empty tile (a per-token meta's token without an adapter) does no work.
+    if row_end > row_start:
+        offs_m = row_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64 sorted positions
+        mask_m = offs_m < row_end
+        tok = tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0)  # (BLOCK_M,) int64
+        offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+        mask_r = offs_r < rank
+        offs_k = tl.arange(0, BLOCK_K)  # (BLOCK_K,)
 
-    x_rows = x_ptr + tok[:, None] * stride_xt  # (BLOCK_M, 1) gathered rows
-    a_cols = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar  # (1, BLOCK_R)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, d_in, BLOCK_K):
-        k = k0 + offs_k
-        mask_k = k < d_in
-        xt = tl.load(
-            x_rows + k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )  # (BLOCK_M, BLOCK_K)
-        at = tl.load(
-            a_cols + k[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0
-        )  # (BLOCK_K, BLOCK_R)
-        if IEEE_FP32:
-            # fp32 callers expect fp32 accuracy; the default tf32 would keep only 10 bits.
-            acc += tl.dot(xt, at, input_precision="ieee")
-        else:
-            acc += tl.dot(xt, at)
-    out = out_ptr + offs_m[:, None] * stride_on + offs_r[None, :] * stride_or
-    tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
+        x_rows = x_ptr + tok[:, None] * stride_xt  # (BLOCK_M, 1) gathered rows
+        a_cols = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar  # (1, BLOCK_R)
+        acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        for k0 in range(0, d_in, BLOCK_K):
+            k = k0 + offs_k
+            mask_k = k < d_in
+            xt = tl.load(
+                x_rows + k[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0
+            )  # (BLOCK_M, BLOCK_K)
+            at = tl.load(
+                a_cols + k[:, None] * stride_ak, mask=mask_k[:, None] & mask_r[None, :], other=0.0
+            )  # (BLOCK_K, BLOCK_R)
+            if IEEE_FP32:
+                # fp32 callers expect fp32 accuracy; the default tf32 would keep only 10 bits.
+                acc += tl.dot(xt, at, input_precision="ieee")
+            else:
+                acc += tl.dot(xt, at)
+        out = out_ptr + offs_m[:, None] * stride_on + offs_r[None, :] * stride_or
+        tl.store(out, acc, mask=mask_m[:, None] & mask_r[None, :])
 
 
 @triton.jit
@@ -118,37 +120,39 @@ def _sgmv_expand_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotat
     row_start = tl.load(tile_starts_ptr + tile)
     row_end = tl.load(tile_ends_ptr + tile)
 
-    offs_m = row_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64 sorted positions
-    mask_m = offs_m < row_end
-    tok = tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0)  # (BLOCK_M,) int64
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
-    mask_n = offs_n < d_out
-    offs_r = tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    # An empty tile (a per-token meta's token without an adapter) does no work.
+    if row_end > row_start:
+        offs_m = row_start + tl.arange(0, BLOCK_M)  # (BLOCK_M,) int64 sorted positions
+        mask_m = offs_m < row_end
+        tok = tl.load(sorted_tokens_ptr + offs_m, mask=mask_m, other=0)  # (BLOCK_M,) int64
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BLOCK_N,)
+        mask_n = offs_n < d_out
+        offs_r = tl.arange(0, BLOCK_R)  # (BLOCK_R,)
 
-    h_rows = h_ptr + offs_m[:, None] * stride_hn  # (BLOCK_M, 1)
-    b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn  # (1, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, rank, BLOCK_R):
-        r = r0 + offs_r
-        mask_r = r < rank
-        ht = tl.load(
-            h_rows + r[None, :] * stride_hr, mask=mask_m[:, None] & mask_r[None, :], other=0.0
-        )  # (BLOCK_M, BLOCK_R) fp32
-        bt = tl.load(
-            b_cols + r[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0
-        )  # (BLOCK_R, BLOCK_N)
-        if IEEE_FP32:
-            acc += tl.dot(ht, bt, input_precision="ieee")
-        else:
-            # Half inputs: run the tensor-core dot in B's dtype, accumulate in fp32.
-            acc += tl.dot(ht.to(bt.dtype), bt)
-    scale = tl.load(scales_ptr + slot)  # fp32 scalar
+        h_rows = h_ptr + offs_m[:, None] * stride_hn  # (BLOCK_M, 1)
+        b_cols = b_ptr + slot * stride_bs + offs_n[None, :] * stride_bn  # (1, BLOCK_N)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            r = r0 + offs_r
+            mask_r = r < rank
+            ht = tl.load(
+                h_rows + r[None, :] * stride_hr, mask=mask_m[:, None] & mask_r[None, :], other=0.0
+            )  # (BLOCK_M, BLOCK_R) fp32
+            bt = tl.load(
+                b_cols + r[:, None] * stride_br, mask=mask_r[:, None] & mask_n[None, :], other=0.0
+            )  # (BLOCK_R, BLOCK_N)
+            if IEEE_FP32:
+                acc += tl.dot(ht, bt, input_precision="ieee")
+            else:
+                # Half inputs: run the tensor-core dot in B's dtype, accumulate in fp32.
+                acc += tl.dot(ht.to(bt.dtype), bt)
+        scale = tl.load(scales_ptr + slot)  # fp32 scalar
 
-    y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
-    mask = mask_m[:, None] & mask_n[None, :]
-    y_old = tl.load(y_ptrs, mask=mask, other=0.0)  # (BLOCK_M, BLOCK_N)
-    y_new = y_old.to(tl.float32) + acc * scale
-    tl.store(y_ptrs, y_new.to(y_ptr.dtype.element_ty), mask=mask)
+        y_ptrs = y_ptr + tok[:, None] * stride_yt + offs_n[None, :] * stride_yn
+        mask = mask_m[:, None] & mask_n[None, :]
+        y_old = tl.load(y_ptrs, mask=mask, other=0.0)  # (BLOCK_M, BLOCK_N)
+        y_new = y_old.to(tl.float32) + acc * scale
+        tl.store(y_ptrs, y_new.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _block(n: int, lo: int, hi: int) -> int:
@@ -185,8 +189,9 @@ def _check_common(t: Tensor, W: Tensor, meta: LoRAMeta, t_name: str, w_name: str
 def sgmv_shrink(x: Tensor, A: Tensor, meta: LoRAMeta, *, block_k: int | None = None) -> Tensor:
     """buf[p] = x[sorted_tokens[p]] @ A[k_p]^T, returned as an fp32 (N, R) buffer in sorted order.
 
-    Sorted order (rather than (T, R) by token) keeps the expand kernel's loads contiguous and
-    allocates nothing for tokens without an adapter.
+    Sorted order (rather than (T, R) by token) keeps the expand kernel's loads contiguous and,
+    with build_lora_meta's metas, allocates nothing for tokens without an adapter (a per-token
+    meta's N is T: their rows are never written nor read).
     """
     _check_common(x, A, meta, "x", "A")
     if A.shape[2] != x.shape[1]:

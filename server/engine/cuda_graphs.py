@@ -42,23 +42,25 @@ _IDS, _POSITIONS, _ROWS, _PLUS, _MINUS, _DEU = range(6)  # rows of the static bl
 _WARMUP_RUNS = 2
 
 
-def cuda_capture() -> Capture:
-    """Capture on the current CUDA device, every graph in one shared memory pool (graphs are
-    replayed one at a time, and a step's logits are read before the next replay)."""
-    pool = torch.cuda.graph_pool_handle()
+def cuda_capture(device: torch.device) -> Capture:
+    """Capture on `device`, every graph in one shared memory pool (graphs are replayed one at a
+    time, and a step's logits are read before the next replay)."""
+    with torch.cuda.device(device):
+        pool = torch.cuda.graph_pool_handle()
 
     def capture(fn: Callable[[], Tensor]) -> Callable[[], Tensor]:
-        # Warm up on a side stream: Triton compiles and cuBLAS picks its kernels there, so the
-        # capture records launches only.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(_WARMUP_RUNS):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            out = fn()
+        with torch.cuda.device(device):
+            # Warm up on a side stream: Triton compiles and cuBLAS picks its kernels there, so
+            # the capture records launches only.
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(_WARMUP_RUNS):
+                    fn()
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = fn()
 
         def replay() -> Tensor:
             graph.replay()
@@ -105,12 +107,16 @@ class DecodeGraphs:
         self._scratch_row: int = kv.scratch_row
         self.buckets = batch_buckets(max_batch)
         self._capture = capture
-        self._graphs: dict[tuple[int, Variant], Callable[[], Tensor]] = {}
-        n = self.buckets[-1]
-        # The one block every graph reads, and its host staging copy (pinned on CUDA, so the
-        # copy is one DMA the host does not wait for).
-        self._static = torch.zeros(6, n, dtype=torch.long, device=device)  # (6, B_max)
-        self._host = torch.zeros(6, n, dtype=torch.long, pin_memory=device.type == "cuda")
+        # None: that capture failed, and its steps run eagerly.
+        self._graphs: dict[tuple[int, Variant], Callable[[], Tensor] | None] = {}
+        n = 6 * self.buckets[-1]
+        # The block the graphs read, and its host staging copy (pinned on CUDA): a bucket of
+        # size b uses the first 6 * b elements as one contiguous (6, b) block, so its copy is
+        # one DMA the host does not wait for.
+        self._static = torch.zeros(n, dtype=torch.long, device=device)  # (6 * B_max,)
+        self._host = torch.zeros(n, dtype=torch.long, pin_memory=device.type == "cuda")
+        # Marks the staging copy's end: the host buffer is not rewritten before it.
+        self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._heads = torch.arange(kv.k.shape[2], device=device)  # (H_kv,)
         self._no_lora = build_lora_meta([], device)  # built here: capture copies nothing in
         self.captures = self.replays = 0
@@ -141,7 +147,12 @@ class DecodeGraphs:
                 f"positions reach {max(starts)}, past the KV cache's {self.kv.max_seq_len}"
             )
         variant = (any(s >= 0 for s in plus), minus is not None, any(s >= 0 for s in deu))
-        host = self._host[:, :size]
+        key = (size, variant)
+        if key in self._graphs and self._graphs[key] is None:
+            return None
+        if self._copied is not None:
+            self._copied.synchronize()
+        host = self._host[: 6 * size].view(6, size)
         host[_IDS, :B] = torch.tensor(tokens)
         host[_POSITIONS, :B] = torch.tensor(starts)
         host[_ROWS, :B] = torch.tensor(rows)
@@ -149,12 +160,17 @@ class DecodeGraphs:
         host[_MINUS, :B] = torch.tensor(minus if minus is not None else [-1] * B)
         host[_DEU, :B] = torch.tensor(deu)
         self._pad(host, B)
-        self._static[:, :size].copy_(host, non_blocking=True)
-        replay = self._graphs.get((size, variant))
+        self._block(size).copy_(host, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        replay = self._graphs[key] if key in self._graphs else self._record(size, variant)
         if replay is None:
-            replay = self._record(size, variant)
+            return None
         self.replays += 1
         return replay()[:B]
+
+    def _block(self, size: int) -> Tensor:
+        return self._static[: 6 * size].view(6, size)  # (6, size)
 
     def _pad(self, host: Tensor, B: int) -> None:
         """Rows past B: token 0 at position 0 of the scratch row, no adapter."""
@@ -163,24 +179,35 @@ class DecodeGraphs:
         host[_POSITIONS, B:] = 0
         host[_ROWS, B:] = self._scratch_row
 
-    def _record(self, size: int, variant: Variant) -> Callable[[], Tensor]:
+    def _record(self, size: int, variant: Variant) -> Callable[[], Tensor] | None:
+        """Capture (size, variant); None if that fails (then its steps run eagerly)."""
         # Capturing runs the step on what the block holds: make all of it padding, so those
         # runs write the scratch row only, whatever the rows of the step that asked for it.
-        block = self._static[:, :size]
+        block = self._block(size)
         saved = block.clone()
-        pad = self._host[:, :size].clone()
+        pad = torch.empty(6, size, dtype=torch.long)
         self._pad(pad, 0)
         block.copy_(pad)
-        replay = self._capture(lambda: self._step(size, variant))
-        block.copy_(saved)
+        replay: Callable[[], Tensor] | None = None
+        try:
+            replay = self._capture(lambda: self._step(size, variant))
+            self.captures += 1
+            log.info("captured a decode graph: batch %d, adapters %s", size, variant)
+        except (RuntimeError, ValueError, TypeError) as e:  # serve eagerly rather than fail
+            log.warning(
+                "decode graph for batch %d, adapters %s not captured (%s): those steps run eagerly",
+                size,
+                variant,
+                e,
+            )
+        finally:
+            block.copy_(saved)
         self._graphs[(size, variant)] = replay
-        self.captures += 1
-        log.info("captured a decode graph: batch %d, adapters %s", size, variant)
         return replay
 
     def _step(self, size: int, variant: Variant) -> Tensor:
         """The step as device ops on the static block: logits (size, V)."""
-        block = self._static[:, :size]
+        block = self._block(size)
         ids, positions, rows = block[_IDS], block[_POSITIONS], block[_ROWS]  # (size,) each
         kv = self.kv
         S = kv.max_seq_len
@@ -204,15 +231,15 @@ class DecodeGraphs:
             return None
         r = self.residents
         plus, minus, deu = variant
-        n = r.lora.max_slots
+        n_lora, n_deu = r.lora.max_slots, r.deu.bank.shape[2]
 
-        def meta(on: bool, row: int) -> LoRAMeta:
+        def meta(on: bool, row: int, n: int) -> LoRAMeta:
             return per_token_meta(block[row], n) if on else self._no_lora
 
         return BatchAdapters(
             r.lora,
             r.deu,
-            meta(plus, _PLUS),
-            meta(minus, _MINUS) if minus else None,
-            meta(deu, _DEU),
+            meta(plus, _PLUS, n_lora),
+            meta(minus, _MINUS, n_lora) if minus else None,
+            meta(deu, _DEU, n_deu),
         )

@@ -90,7 +90,7 @@ class Engine:
         self.base_shapes = self.inputs.base_shapes
         self.eos_token_ids = self.inputs.eos_token_ids
         if graph_capture is None and config.cuda_graphs and self.device.type == "cuda":
-            graph_capture = cuda_capture()
+            graph_capture = cuda_capture(self.device)
         self.kv = KVCache(
             cfg,
             config.max_batch,

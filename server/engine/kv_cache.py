@@ -47,6 +47,7 @@ class KVCache:
         self.release(src)
 
     def release(self, row: int) -> None:
-        # Stale keys need no clearing: the bias never lets a query see positions it did not write.
+        # Stale keys need no clearing: the bias (a fixed-shape step's lengths) never lets a query
+        # see positions it did not write.
         self._free.append(row)
         self._free.sort(reverse=True)

@@ -8,6 +8,7 @@ it would on a GPU. The gpu-marked test captures real CUDA graphs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -156,6 +157,18 @@ def test_graph_decode_on_grouped_query_llamas(family: str, tmp_path: Path) -> No
     _assert_same(results[1], results[0])
 
 
+def test_a_failed_capture_serves_those_steps_eagerly(gpt2_dir: Path) -> None:
+    def failing(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    eager = _generate(_engine(gpt2_dir / "base", None), [None] * 3, seed=8)
+    engine = _engine(gpt2_dir / "base", failing)
+    _assert_same(_generate(engine, [None] * 3, seed=8), eager)
+    graphs = engine.graphs
+    assert graphs is not None and graphs.captures == graphs.replays == 0
+    assert graphs._graphs and all(g is None for g in graphs._graphs.values())  # tried once each
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_graphs_decode_like_the_eager_cuda_engine(gpt2_dir: Path, dtype: torch.dtype) -> None:
@@ -163,12 +176,30 @@ def test_cuda_graphs_decode_like_the_eager_cuda_engine(gpt2_dir: Path, dtype: to
 
     names = [None, "lora", "deu", "lora+deu", "lora2", None, "lora"]
     results = []
-    for capture in (None, cuda_capture()):
+    for graphs in (False, True):
+        capture = cuda_capture(torch.device("cuda")) if graphs else None
         engine = _engine(gpt2_dir / "base", capture, device="cuda", dtype=dtype)
         for name in ("lora", "lora2", "deu", "lora+deu"):
             engine.add_adapter(name, gpt2_dir / name)
         results.append(_generate(engine, names, seed=1))
+        engine.merge_adapter("lora")
+        results.append(_generate(engine, names, seed=2))
     assert engine.graphs is not None and engine.graphs.replays > 0
-    agree = sum(g[0] == e[0] for g, e in zip(results[1], results[0], strict=True))
-    # Half precision: a different attention kernel may flip a near-tie; most rows must agree.
-    assert agree >= len(names) - 1, agree
+    for graphed, eager in ((results[2], results[0]), (results[3], results[1])):
+        agree = sum(g[0] == e[0] for g, e in zip(graphed, eager, strict=True))
+        # Half precision: another attention kernel may flip a near-tie; most rows must agree.
+        assert agree >= len(names) - 1, agree
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_on_a_grouped_query_llama(tmp_path: Path) -> None:
+    from server.engine.cuda_graphs import cuda_capture
+
+    make_hf_llama(tmp_path / "base", "llama3-gqa2", seed=1)
+    results = []
+    for graphs in (False, True):
+        capture = cuda_capture(torch.device("cuda")) if graphs else None
+        engine = _engine(tmp_path / "base", capture, device="cuda", dtype=torch.float32)
+        results.append(_generate(engine, [None] * 5, seed=7))
+    assert engine.graphs is not None and engine.graphs.replays > 0
+    _assert_same(results[1], results[0])

@@ -174,6 +174,7 @@ def test_validation() -> None:
         (TypeError, (q.int(), k.int(), v.int(), rows, lengths, scale), "one floating dtype"),
         (TypeError, (q, k, v, rows.int(), lengths, scale), "int64"),
         (TypeError, (q, k, v, rows, lengths.int(), scale), "int64"),
+        (ValueError, (q, k, v, rows.repeat(2)[::2], lengths, scale), "must be contiguous"),
         (
             ValueError,
             (q.transpose(1, 2).contiguous().transpose(1, 2), k, v, rows, lengths, scale),
