@@ -153,12 +153,11 @@ class DecodeGraphs:
         if self._copied is not None:
             self._copied.synchronize()
         host = self._host[: 6 * size].view(6, size)
-        host[_IDS, :B] = torch.tensor(tokens)
-        host[_POSITIONS, :B] = torch.tensor(starts)
-        host[_ROWS, :B] = torch.tensor(rows)
-        host[_PLUS, :B] = torch.tensor(plus)
-        host[_MINUS, :B] = torch.tensor(minus if minus is not None else [-1] * B)
-        host[_DEU, :B] = torch.tensor(deu)
+        # One tensor from one nested list, its rows in the block's order (_IDS ... _DEU).
+        no_minus = [-1] * B
+        host[:, :B] = torch.tensor(
+            [tokens, starts, rows, plus, no_minus if minus is None else minus, deu]
+        )
         self._pad(host, B)
         self._block(size).copy_(host, non_blocking=True)
         if self._copied is not None:

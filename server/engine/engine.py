@@ -354,7 +354,6 @@ class Engine:
     ) -> tuple[StepBatch, torch.Tensor]:
         """One forward pass (build_step's rows, tokens, starts and slots): the step's
         metadata and the last hidden states (B, L, d)."""
-        merged = self.residents.merged
         step = build_step(
             self.kv,
             rows,
@@ -362,7 +361,7 @@ class Engine:
             starts,
             lora_slots,
             deu_slots,
-            None if merged is None else merged.slot,
+            self.residents.merged_slot,
             self.device,
             self.dtype,
             self.residents.lora.row_widths,
@@ -380,8 +379,7 @@ class Engine:
         """A decode step's logits (B, V) from a captured graph, or None (run it eagerly)."""
         if self.graphs is None:
             return None
-        merged = self.residents.merged
-        plus, minus = lora_rows(lora_slots, None if merged is None else merged.slot)
+        plus, minus = lora_rows(lora_slots, self.residents.merged_slot)
         return self.graphs.decode(rows, [t[0] for t in tokens], starts, plus, minus, deu_slots)
 
     def _hook(self, step: StepBatch) -> BatchAdapters | None:

@@ -127,6 +127,11 @@ class Residents:
     def merged(self) -> Resident | None:
         return self._merged
 
+    @property
+    def merged_slot(self) -> int | None:
+        """The slot whose LoRA is in the weights, if any."""
+        return None if self._merged is None else self._merged.slot
+
     def merge(self, name: str) -> None:
         """Serve `name`'s LoRA from W + s * B @ A; other rows get delta_j - delta_name.
 

@@ -146,7 +146,7 @@ class MLP(nn.Module):
         if adapters is not None:
             a = adapters.activation(self.layer, g, a)
         m = a * u  # (T, d_ff)
-        y = self.down_proj(m)
+        y = self.down_proj(m)  # (T, d)
         if adapters is not None:
             y = adapters.lora(self.layer, DOWN, m, y)
         return y.view(B, L, d)
