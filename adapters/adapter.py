@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Literal
 
-from adapters.deu_format import (
+from hotlora.adapters.deu_format import (
     DEU_TYPE,
     DEUAdapter,
     DEUConfig,
@@ -20,8 +20,8 @@ from adapters.deu_format import (
     deu_tensors,
     is_deu_key,
 )
-from adapters.errors import AdapterError
-from adapters.format import (
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.format import (
     BaseShapes,
     LoRAAdapter,
     lora_from_file,

@@ -129,18 +129,19 @@ def heldout(task: Task, n: int, seed: int = 1234) -> list[tuple[str, str]]:
     return [(prompt_for(x), task.answer(x)) for x in (task.draw(rng) for _ in range(n))]
 
 
-# The shipped demo assets (written by `python -m training.build_demo`).
+# The shipped demo assets (written by `python -m hotlora.training.build_demo`).
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_MODEL = DEMO_DIR / "hotlora-demo"
 DEMO_ADAPTERS = DEMO_DIR / "adapters"
 DEMO_TASKS = ("reverse", "upper", "sort", "pirate")
-# The shipped DEU adapter (written by `python -m training.deu_study --ship`) -> its task.
+# The shipped DEU adapter (written by `python -m hotlora.training.deu_study --ship`) -> its task.
 DEMO_DEU = {"upper-deu": "upper"}
 # Every shipped adapter -> the task it solves.
 DEMO_ADAPTER_TASKS = {**{t: t for t in DEMO_TASKS}, **DEMO_DEU}
 
-# The Llama-family demo (4 layers, GQA, SwiGLU; `python -m training.build_demo --family llama`):
-# an all-linear LoRA and a DEU adapter on the SwiGLU gate.
+# The Llama-family demo (4 layers, GQA, SwiGLU; written by
+# `python -m hotlora.training.build_demo --family llama`): an all-linear LoRA and a DEU
+# adapter on the SwiGLU gate.
 LLAMA_DEMO_MODEL = DEMO_DIR / "hotlora-llama-demo"
 LLAMA_DEMO_ADAPTERS = DEMO_DIR / "llama-adapters"
 LLAMA_DEMO_ADAPTER_TASKS = {"reverse": "reverse", "upper-deu": "upper"}

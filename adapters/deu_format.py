@@ -30,10 +30,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adapters.errors import AdapterError
-from adapters.format import BaseShapes, Entry, read_tensors
-from adapters.layout import GPT2_LAYOUT, ModuleLayout
-from kernels.deu import PARAMS
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.format import BaseShapes, Entry, read_tensors
+from hotlora.adapters.layout import GPT2_LAYOUT, ModuleLayout
+from hotlora.kernels.deu import PARAMS
 
 DEU_TYPE = "DEU"
 _FIELDS = frozenset(

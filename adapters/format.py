@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import save
 from torch import Tensor
 
-from adapters.errors import AdapterError
-from adapters.layout import GPT2_LAYOUT, LLAMA_LAYOUT, ModuleLayout, gpt2_dims, llama_dims
-from adapters.lora_config import LoRAConfig
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.layout import GPT2_LAYOUT, LLAMA_LAYOUT, ModuleLayout, gpt2_dims, llama_dims
+from hotlora.adapters.lora_config import LoRAConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

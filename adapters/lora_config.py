@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from adapters.errors import AdapterError
-from adapters.layout import GPT2_LAYOUT, ModuleLayout
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.layout import GPT2_LAYOUT, ModuleLayout
 
 # GPT-2 block projections: the default layout's targets, kept for callers that only know GPT-2.
 TARGETS = GPT2_LAYOUT.targets

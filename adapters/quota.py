@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapters.errors import AdapterError
-from adapters.store_index import Usage
-from adapters.version import split_name
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.store_index import Usage
+from hotlora.adapters.version import split_name
 
 
 @dataclass(frozen=True)

@@ -46,13 +46,20 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from adapters.adapter import Adapter, load_adapter
-from adapters.errors import AdapterError
-from adapters.format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, BaseShapes
-from adapters.quota import Quota, QuotaExceeded, check_quota
-from adapters.store_index import StoreIndex, Usage
-from adapters.store_tree import META_FORMAT, META_NAME, meta_from_json, read_name, scan, top_version
-from adapters.version import (
+from hotlora.adapters.adapter import Adapter, load_adapter
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, BaseShapes
+from hotlora.adapters.quota import Quota, QuotaExceeded, check_quota
+from hotlora.adapters.store_index import StoreIndex, Usage
+from hotlora.adapters.store_tree import (
+    META_FORMAT,
+    META_NAME,
+    meta_from_json,
+    read_name,
+    scan,
+    top_version,
+)
+from hotlora.adapters.version import (
     BASE_NAME,
     NAME_RE,
     AdapterVersion,
@@ -112,7 +119,8 @@ def _mkdir(path: str) -> bool:
 
 
 class StoreMismatch(Exception):
-    """The store directory holds adapters for another base model."""
+    """The store directory holds adapters for another base model (or its base.json is
+    unreadable); the message, one line, says what to do."""
 
 
 def _base_record(base: BaseShapes) -> dict[str, Any]:
@@ -227,13 +235,15 @@ class AdapterStore:
             try:
                 have = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, ValueError) as e:
-                raise StoreMismatch(f"{path}: unreadable ({e}); remove it to rebind") from e
+                raise StoreMismatch(
+                    f"{path}: unreadable ({e}); remove it to bind the store to this model"
+                ) from e
             if have != want:
                 fam, n = (have.get("family"), have.get("n_layer")) if isinstance(have, dict) else (
                     "?", "?")
                 raise StoreMismatch(
                     f"adapter store {self.root} holds adapters for another base model ({fam}, "
-                    f"{n} layers; this one is {want['family']}, {want['n_layer']} layers): give "
+                    f"{n} layers; this one is {want['family']}, {want['n_layer']} layers); give "
                     "this model its own store (--adapter-store / HOTLORA_ADAPTER_STORE)"
                 )
             return

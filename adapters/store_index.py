@@ -12,7 +12,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from adapters.version import AdapterVersion, split_name
+from hotlora.adapters.version import AdapterVersion, split_name
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.format import CONFIG_NAME, WEIGHTS_NAME
-from adapters.version import (
+from hotlora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
+from hotlora.adapters.version import (
     BASE_NAME,
     AdapterVersion,
     disk_name,

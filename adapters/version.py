@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import AdapterError
+from hotlora.adapters.errors import AdapterError
 
 NAME_RE = r"[A-Za-z0-9._-]{1,64}"
 TENANT_RE = r"[a-z0-9-]{1,32}"

@@ -20,67 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def check_decode_attention_args(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, rows: Tensor, lengths: Tensor, scale: float
-) -> None:
-    """Raise TypeError / ValueError unless the shapes, dtypes, devices and strides fit the op.
-
-    Looks only at metadata (no device sync): the values of rows and lengths are not checked.
-    """
-    tensors = (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("rows", rows))
-    for name, t in (*tensors, ("lengths", lengths)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, int | float):
-        raise TypeError(f"scale must be a Python float, got {type(scale).__name__}")
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.dim() != 4:
-        raise ValueError(
-            "expected q (B, H, D) and k_cache, v_cache (N_rows, H_kv, S, D); got "
-            f"q {tuple(q.shape)}, k_cache {tuple(k_cache.shape)}, v_cache {tuple(v_cache.shape)}"
-        )
-    B, H, D = q.shape
-    if rows.shape != (B,) or lengths.shape != (B,):
-        raise ValueError(
-            f"rows and lengths must be 1-D of length B={B}, got rows {tuple(rows.shape)}, "
-            f"lengths {tuple(lengths.shape)}"
-        )
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(
-            f"k_cache {tuple(k_cache.shape)} and v_cache {tuple(v_cache.shape)} differ in shape"
-        )
-    H_kv, D_kv = k_cache.shape[1], k_cache.shape[3]
-    if D_kv != D:
-        raise ValueError(f"head dim differs: q has D={D}, the caches D={D_kv}")
-    if H_kv == 0 or H % H_kv != 0:
-        raise ValueError(f"query heads H={H} must be a multiple of the kv heads H_kv={H_kv} >= 1")
-    if not q.dtype.is_floating_point or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise TypeError(
-            f"q, k_cache, v_cache must share one floating dtype, got q {q.dtype}, "
-            f"k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
-        )
-    if rows.dtype != torch.int64 or lengths.dtype != torch.int64:
-        raise TypeError(
-            f"rows and lengths must be int64 (no other integer dtype is accepted), got "
-            f"rows {rows.dtype}, lengths {lengths.dtype}"
-        )
-    dev = q.device
-    if any(t.device != dev for t in (k_cache, v_cache, rows, lengths)):
-        raise ValueError(
-            f"all tensors must be on one device: q {dev}, k_cache {k_cache.device}, "
-            f"v_cache {v_cache.device}, rows {rows.device}, lengths {lengths.device}"
-        )
-    if B > 1 and (rows.stride(0) != 1 or lengths.stride(0) != 1):
-        raise ValueError(
-            f"rows and lengths must be contiguous, got strides {rows.stride()}, {lengths.stride()}"
-        )
-    if D > 1 and (q.stride(2) != 1 or k_cache.stride(3) != 1 or v_cache.stride(3) != 1):
-        raise ValueError(
-            f"q, k_cache, v_cache need a contiguous last dim, got strides q {q.stride()}, "
-            f"k_cache {k_cache.stride()}, v_cache {v_cache.stride()}"
-        )
+from hotlora.kernels._common import TRITON_DTYPES
+from hotlora.kernels.checks import check_decode_attention_args
 
 
 def decode_attention(
@@ -97,9 +38,9 @@ def decode_attention(
     not range-checked (that would sync): see the module docstring.
     """
     check_decode_attention_args(q, k_cache, v_cache, rows, lengths, scale)
-    if q.device.type == "cuda" and q.dtype in _TRITON_DTYPES:
+    if q.device.type == "cuda" and q.dtype in TRITON_DTYPES:
         # Lazy: importing triton costs ~1 s and is not needed by the CPU path.
-        from kernels.triton_attention import triton_decode_attention
+        from hotlora.kernels.triton_attention import triton_decode_attention
 
         return triton_decode_attention(q, k_cache, v_cache, rows, lengths, scale)
     return _torch_decode_attention(q, k_cache, v_cache, rows, lengths, float(scale))

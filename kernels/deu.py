@@ -29,26 +29,48 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.lora import LoRAMeta, add_rows
+from hotlora.kernels._common import TRITON_DTYPES, add_rows
+from hotlora.kernels.checks import check_deu_args
+from hotlora.kernels.deu_params import (
+    A_MAX,
+    A_MIN,
+    BETA_MAX,
+    CLIP,
+    GAMMA_MAX,
+    GAMMA_MIN,
+    N_PLANES,
+    OUT_MAX,
+    PARAM_MAX,
+    PARAMS,
+    PLANES,
+    R_MIN,
+    S_SERIES_RT,
+)
+from hotlora.kernels.slot_meta import SlotMeta
 
-# Parameter rows of a DEU parameter tensor (6, n): the paper's five and the gain.
-PARAMS = ("a", "b", "c", "c1", "c2", "gain")
-CLIP = 8.0
-A_MIN, A_MAX = 1e-2, 1e2
-BETA_MAX = 8.0  # b/a, so |m| <= 4
-GAMMA_MIN, GAMMA_MAX = 1e-2, 16.0  # c/a, so r <= 4 in the oscillating regime
-PARAM_MAX = 100.0  # |c1|, |c2|, |gain|
-OUT_MAX = 100.0  # |D|, so g * D stays inside fp16's range
-R_MIN = 1e-15  # floor of r: sinh(r t) / r == t to fp32 precision for every |t| <= CLIP
-# |r t| below which S = t * sum_k (q t^2)^k / (2k+1)! (to k = 5: truncation < 1e-16 relative);
-# above it the quotient's gradient loses at most ~3 eps / (r t)^2 = 48 eps to cancellation.
-S_SERIES_RT = 0.25
+# The unit's constants live in kernels/deu_params.py (shared with the Triton kernel, the
+# reference and the checks); re-exported here, where the adapters and the engine import them.
+__all__ = [
+    "A_MAX",
+    "A_MIN",
+    "BETA_MAX",
+    "CLIP",
+    "GAMMA_MAX",
+    "GAMMA_MIN",
+    "N_PLANES",
+    "OUT_MAX",
+    "PARAMS",
+    "PARAM_MAX",
+    "PLANES",
+    "R_MIN",
+    "S_SERIES_RT",
+    "deu_activation",
+    "deu_apply",
+    "deu_eval",
+    "deu_planes",
+    "deu_unit",
+]
 
-# Per-neuron planes a serving slot stores, in this order (see deu_planes).
-PLANES = ("m", "r", "inv_r", "hyp", "c1", "c2", "inv_c", "m_inv_c", "gain")
-N_PLANES = len(PLANES)
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Gathering every token's planes costs N_PLANES copies of the activations; per-run broadcasting
 # costs ~15 ops per run. Gather when runs are short (decode), broadcast when long (prefill).
 _GATHER_MAX_TOKENS_PER_RUN = 4
@@ -138,40 +160,7 @@ def deu_activation(x: Tensor, params: Tensor) -> Tensor:
     return _delta(x, deu_planes(params))
 
 
-def check_deu_args(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
-    """Raise TypeError / ValueError unless the tensors fit y[t] += g_k * D_k(h[t])."""
-    for name, t in (("y", y), ("h", h), ("bank", bank)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if y.dim() != 2 or h.shape != y.shape or bank.dim() != 3 or bank.shape[0] != N_PLANES:
-        raise ValueError(
-            f"expected y (T, F), h (T, F), bank ({N_PLANES}, S, F); got y {tuple(y.shape)}, "
-            f"h {tuple(h.shape)}, bank {tuple(bank.shape)}"
-        )
-    if bank.shape[2] != y.shape[1] or meta.num_tokens != y.shape[0]:
-        raise ValueError(
-            f"shape mismatch: meta has T={meta.num_tokens}, y {tuple(y.shape)}, "
-            f"bank {tuple(bank.shape)}"
-        )
-    if meta.max_slot >= bank.shape[1]:
-        raise ValueError(f"token slot {meta.max_slot} out of range for S={bank.shape[1]} slots")
-    if not y.dtype.is_floating_point or h.dtype != y.dtype:
-        raise TypeError(f"y and h must share one floating dtype, got {y.dtype} and {h.dtype}")
-    if bank.dtype != torch.float32:
-        raise TypeError(f"bank must be float32, got {bank.dtype}")
-    if not bank.is_contiguous():
-        raise ValueError("bank must be contiguous")
-    dev = y.device
-    if h.device != dev or bank.device != dev or meta.token_slots.device != dev:
-        raise ValueError(
-            f"all tensors must be on one device: y {dev}, h {h.device}, bank {bank.device}, "
-            f"meta {meta.token_slots.device}"
-        )
-    if y.shape[1] > 1 and (y.stride(1) != 1 or h.stride(1) != 1):
-        raise ValueError(f"y and h need a contiguous last dim, got {y.stride()}, {h.stride()}")
-
-
-def deu_apply(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+def deu_apply(y: Tensor, h: Tensor, bank: Tensor, meta: SlotMeta) -> None:
     """In place: y[t] += g_k * D_k(h[t]) for k = token_slots[t] >= 0; other rows untouched.
 
     y (T, F) holds the frozen activation GELU(h), so rows without a DEU adapter stay the base
@@ -181,8 +170,8 @@ def deu_apply(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
     check_deu_args(y, h, bank, meta)
     if meta.empty:
         return
-    if y.is_cuda and y.dtype in _TRITON_DTYPES:
-        from kernels.triton_deu import deu_add
+    if y.is_cuda and y.dtype in TRITON_DTYPES:
+        from hotlora.kernels.triton_deu import deu_add
 
         deu_add(y, h, bank, meta.token_slots)
         return
@@ -194,7 +183,7 @@ def deu_apply(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
         _apply_runs(y, h, bank, meta)
 
 
-def _apply_gathered(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+def _apply_gathered(y: Tensor, h: Tensor, bank: Tensor, meta: SlotMeta) -> None:
     """Each active token with its own slot's planes: gathered and evaluated _CPU_ROWS at a time."""
     tokens, slots = meta.active_tokens, meta.active_slots  # (N,), (N,)
     for i in range(0, meta.num_active, _CPU_ROWS):
@@ -207,7 +196,7 @@ def _apply_gathered(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
             add_rows(y, tok, delta)
 
 
-def _apply_per_token(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+def _apply_per_token(y: Tensor, h: Tensor, bank: Tensor, meta: SlotMeta) -> None:
     """Every token with its slot's planes (slot 0 where it has none), _CPU_ROWS at a time; a
     select keeps the bits of rows without an adapter."""
     slots, active = meta.active_slots, meta.token_slots >= 0  # (T,), (T,)
@@ -217,7 +206,7 @@ def _apply_per_token(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None
         y[rows] = torch.where(active[rows].unsqueeze(1), y[rows] + delta, y[rows])
 
 
-def _apply_runs(y: Tensor, h: Tensor, bank: Tensor, meta: LoRAMeta) -> None:
+def _apply_runs(y: Tensor, h: Tensor, bank: Tensor, meta: SlotMeta) -> None:
     """Per run [a, b) of slot k: the slot's planes broadcast over the run, _CPU_ROWS at a time."""
     for k, a, b in zip(meta.run_slots_host, meta.run_starts_host, meta.run_ends_host, strict=True):
         planes = bank[:, k, None, :]  # (P, 1, F)

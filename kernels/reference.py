@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.deu import A_MAX, A_MIN, BETA_MAX, CLIP, GAMMA_MAX, GAMMA_MIN, OUT_MAX, PARAM_MAX
+from hotlora.kernels.deu_params import (
+    A_MAX,
+    A_MIN,
+    BETA_MAX,
+    CLIP,
+    GAMMA_MAX,
+    GAMMA_MIN,
+    OUT_MAX,
+    PARAM_MAX,
+)
 
 
 def lora_reference(

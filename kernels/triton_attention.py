@@ -20,9 +20,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.attention import check_decode_attention_args
+from hotlora.kernels._common import next_pow2
+from hotlora.kernels.checks import check_block
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
 # Cap on the (BLOCK_G, BLOCK_S, BLOCK_D) product tile, in fp32 elements: past it registers spill.
 _TILE_BUDGET = 8192
 _MIN_BLOCK_S = 4  # no tl.dot, so no 16-wide minimum: large G * D tiles get short chunks
@@ -105,15 +105,10 @@ def _decode_attention_kernel(  # type: ignore[no-untyped-def]  # Triton reads an
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_gd)
 
 
-def _pow2(n: int) -> int:
-    """Smallest power of two >= n (1 for n <= 1)."""
-    return 1 << max(0, n - 1).bit_length()
-
-
 def _default_block_s(block_g: int, block_d: int) -> int:
     """Largest power-of-two chunk in [4, 64] whose product tile fits the register budget."""
     fit = max(1, _TILE_BUDGET // (block_g * block_d))
-    return max(_MIN_BLOCK_S, min(_MAX_BLOCK_S, 1 << (fit.bit_length() - 1)))
+    return max(_MIN_BLOCK_S, min(_MAX_BLOCK_S, next_pow2(fit + 1) // 2))  # largest 2^k <= fit
 
 
 def triton_decode_attention(
@@ -129,21 +124,21 @@ def triton_decode_attention(
     """out[b, h] = softmax(scale * q[b, h] . K[rows[b], h // G, :len]^T) @ V[...], len clamped.
 
     Shapes and contract as kernels.attention.decode_attention; q (B, H, D), caches
-    (N_rows, H_kv, S, D). ``block_s`` (a power of two) overrides the chunk length (tests use a
-    small one so the loop runs several times). Runs on CPU tensors under TRITON_INTERPRET=1.
+    (N_rows, H_kv, S, D) in a dtype of TRITON_DTYPES. The arguments are not checked here:
+    decode_attention checks them (kernels/checks.py) before it calls this, and a direct caller
+    must call check_decode_attention_args itself. ``block_s`` (a power of two) overrides the
+    chunk length (tests use a small one so the loop runs several times). Runs on CPU tensors
+    under TRITON_INTERPRET=1.
     """
-    check_decode_attention_args(q, k_cache, v_cache, rows, lengths, scale)
-    if q.dtype not in _SUPPORTED:
-        raise TypeError(f"the Triton kernel takes a dtype in {_SUPPORTED}, got {q.dtype}")
-    if block_s is not None and (block_s < 1 or block_s & (block_s - 1)):
-        raise ValueError(f"block_s must be a power of two >= 1, got {block_s}")
+    if block_s is not None:
+        check_block("block_s", block_s, 1)
     B, H, D = q.shape
     H_kv, S = k_cache.shape[1], k_cache.shape[2]
     G = H // H_kv
     out = torch.empty((B, H, D), dtype=q.dtype, device=q.device)  # (B, H, D)
     if B == 0 or H == 0:
         return out
-    block_g, block_d = _pow2(G), _pow2(D)
+    block_g, block_d = next_pow2(G), next_pow2(D)
     bs = block_s if block_s is not None else _default_block_s(block_g, block_d)
     _decode_attention_kernel[(B, H_kv)](
         q,

@@ -13,15 +13,13 @@ int64.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.deu import CLIP, N_PLANES, OUT_MAX, S_SERIES_RT
+from hotlora.kernels.checks import check_block
+from hotlora.kernels.deu_params import CLIP, OUT_MAX, S_SERIES_RT
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-_SLOT_DTYPES = (torch.int32, torch.int64)
 # 8 x 128 = 1024 elements: 8 per thread with 4 warps keeps ~20 live fp32 values per element
 # (9 planes and the temporaries) in registers; wide feature blocks keep loads coalesced.
 _DEFAULT_BLOCK_T = 8
@@ -52,8 +50,8 @@ def _deu_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
     pid_f = tl.program_id(1).to(tl.int64)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # (BLOCK_T,) int64
     slot = tl.load(slots_ptr + offs_t, mask=offs_t < n_tokens, other=-1).to(tl.int64)
-    # Slots past S are skipped, never read out of bounds: the launcher cannot check a CUDA
-    # tensor's range without a sync (deu_apply checks LoRAMeta.max_slot on the host instead).
+    # Slots past S are skipped, never read out of bounds: nothing can check a CUDA tensor's
+    # range without a sync (deu_apply checks SlotMeta.max_slot on the host instead).
     active = (slot >= 0) & (slot < n_slots)  # (BLOCK_T,)
     if tl.max(active.to(tl.int32), axis=0) > 0:
         offs_f = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)  # (BLOCK_F,) int64
@@ -103,58 +101,6 @@ def _deu_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotations
         tl.store(y_ptrs, y_new.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_block(name: str, value: int) -> int:
-    if value < 1 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 1, got {value}")
-    return value
-
-
-def _check_args(y: Tensor, h: Tensor, bank: Tensor, token_slots: Tensor) -> None:
-    """Raise TypeError / ValueError unless the tensors fit the kernel's y[t] += g_k * D_k(h[t])."""
-    for name, t in (("y", y), ("h", h), ("bank", bank), ("token_slots", token_slots)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if y.dtype not in _SUPPORTED or h.dtype != y.dtype:
-        raise TypeError(f"y and h must share a dtype in {_SUPPORTED}, got {y.dtype}, {h.dtype}")
-    if bank.dtype != torch.float32:
-        raise TypeError(f"bank must be float32, got {bank.dtype}")
-    if token_slots.dtype not in _SLOT_DTYPES:
-        raise TypeError(f"token_slots must be int32 or int64, got {token_slots.dtype}")
-    if (
-        y.dim() != 2
-        or h.shape != y.shape
-        or bank.dim() != 3
-        or bank.shape[0] != N_PLANES
-        or bank.shape[2] != y.shape[1]
-        or token_slots.shape != (y.shape[0],)
-    ):
-        raise ValueError(
-            f"expected y (T, F), h (T, F), bank ({N_PLANES}, S, F), token_slots (T,); got "
-            f"y {tuple(y.shape)}, h {tuple(h.shape)}, bank {tuple(bank.shape)}, "
-            f"token_slots {tuple(token_slots.shape)}"
-        )
-    dev = y.device
-    if h.device != dev or bank.device != dev or token_slots.device != dev:
-        raise ValueError(
-            f"all tensors must be on one device: y {dev}, h {h.device}, bank {bank.device}, "
-            f"token_slots {token_slots.device}"
-        )
-    if y.shape[1] > 1 and (y.stride(1) != 1 or h.stride(1) != 1):
-        raise ValueError(f"y and h need a contiguous last dim, got {y.stride()}, {h.stride()}")
-    if not bank.is_contiguous():
-        raise ValueError("bank must be contiguous")
-    if token_slots.shape[0] > 1 and token_slots.stride(0) != 1:
-        raise ValueError(f"token_slots must be contiguous, got stride {token_slots.stride()}")
-    if dev.type == "cpu" and token_slots.numel():
-        # Host tensors (the interpreter) are checked for free; CUDA ones would need a sync.
-        lo, hi = int(token_slots.min()), int(token_slots.max())
-        if lo < -1 or hi >= bank.shape[1]:
-            raise ValueError(
-                f"token slots must lie in [-1, {bank.shape[1] - 1}] (-1 = no adapter), "
-                f"got [{lo}, {hi}]"
-            )
-
-
 def deu_add(
     y: Tensor,
     h: Tensor,
@@ -168,12 +114,12 @@ def deu_add(
 
     y, h (T, F) fp16 / bf16 / fp32 with a contiguous last dim (math in fp32), bank
     (N_PLANES, S, F) float32 contiguous (see kernels.deu.deu_planes), token_slots (T,) int32 /
-    int64 with -1 = no adapter. CUDA callers must keep slots < S (deu_apply checks this on the
-    host); out-of-range slots are skipped rather than read.
+    int64 contiguous with -1 = no adapter. The arguments are not checked here: deu_apply checks
+    them once per call (kernels/checks.py check_deu_args, and the SlotMeta builders check the
+    slots), and a direct caller must do the same. Slots >= S are skipped rather than read.
     """
-    _check_args(y, h, bank, token_slots)
-    bt = _check_block("block_t", block_t) if block_t is not None else _DEFAULT_BLOCK_T
-    bf = _check_block("block_f", block_f) if block_f is not None else _DEFAULT_BLOCK_F
+    bt = _DEFAULT_BLOCK_T if block_t is None else check_block("block_t", block_t, 1)
+    bf = _DEFAULT_BLOCK_F if block_f is None else check_block("block_f", block_f, 1)
     n_tokens, n_feat = y.shape
     if n_tokens == 0 or n_feat == 0 or bank.shape[1] == 0:
         return

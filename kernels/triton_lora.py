@@ -1,7 +1,7 @@
 """Triton SGMV (Punica-style) kernels for batched multi-adapter LoRA. Private to kernels/.
 
-Tokens are pre-sorted by slot (``LoRAMeta.sorted_tokens``) and cut into BLOCK_M-high tiles that
-never straddle two slots (``LoRAMeta.tile_*``), so each program multiplies one token tile by one
+Tokens are pre-sorted by slot (``SlotMeta.sorted_tokens``) and cut into BLOCK_M-high tiles that
+never straddle two slots (``SlotMeta.tile_*``), so each program multiplies one token tile by one
 adapter's weights:
 
     shrink: buf[p]            = x[tok[p]] @ A[k]^T                (fp32, p = sorted position)
@@ -19,11 +19,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.lora import LoRAMeta
+from hotlora.kernels._common import MIN_DOT_BLOCK, next_pow2
+from hotlora.kernels.checks import check_block
+from hotlora.kernels.slot_meta import SlotMeta
 
-_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32)
-# tl.dot on a real GPU needs every block dim >= 16; masks cover the padding.
-_MIN_BLOCK = 16
 _MAX_BLOCK_R = 64
 _DEFAULT_BLOCK_K = 64
 _DEFAULT_BLOCK_N = 64
@@ -155,53 +154,26 @@ def _sgmv_expand_kernel(  # type: ignore[no-untyped-def]  # Triton reads annotat
         tl.store(y_ptrs, y_new.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-def _block(n: int, lo: int, hi: int) -> int:
-    """Smallest power of two >= n, clamped to [lo, hi]."""
-    return min(hi, max(lo, 1 << max(0, n - 1).bit_length()))
+def _block_r(rank: int) -> int:
+    """The rank block: R rounded up to a power of two, clamped to [MIN_DOT_BLOCK, 64]."""
+    return min(_MAX_BLOCK_R, max(MIN_DOT_BLOCK, next_pow2(rank)))
 
 
-def _check_block(name: str, value: int) -> int:
-    if value < _MIN_BLOCK or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {_MIN_BLOCK}, got {value}")
-    return value
-
-
-def _check_common(t: Tensor, W: Tensor, meta: LoRAMeta, t_name: str, w_name: str) -> None:
-    if t.dim() != 2 or W.dim() != 3:
-        raise ValueError(
-            f"{t_name} must be 2-D and {w_name} 3-D, got {tuple(t.shape)}, {tuple(W.shape)}"
-        )
-    if t.dtype not in _SUPPORTED or W.dtype != t.dtype:
-        raise TypeError(
-            f"{t_name} and {w_name} must share a dtype in {_SUPPORTED}, got {t.dtype}, {W.dtype}"
-        )
-    if t.shape[0] != meta.num_tokens:
-        raise ValueError(f"{t_name} has {t.shape[0]} rows, meta has T={meta.num_tokens}")
-    if meta.max_slot >= W.shape[0]:
-        raise ValueError(f"token slot {meta.max_slot} out of range for S={W.shape[0]} slots")
-    if W.device != t.device or meta.token_slots.device != t.device:
-        raise ValueError(
-            f"device mismatch: {t_name} {t.device}, {w_name} {W.device}, "
-            f"meta {meta.token_slots.device}"
-        )
-
-
-def sgmv_shrink(x: Tensor, A: Tensor, meta: LoRAMeta, *, block_k: int | None = None) -> Tensor:
+def sgmv_shrink(x: Tensor, A: Tensor, meta: SlotMeta, *, block_k: int | None = None) -> Tensor:
     """buf[p] = x[sorted_tokens[p]] @ A[k_p]^T, returned as an fp32 (N, R) buffer in sorted order.
 
     Sorted order (rather than (T, R) by token) keeps the expand kernel's loads contiguous and,
-    with build_lora_meta's metas, allocates nothing for tokens without an adapter (a per-token
-    meta's N is T: their rows are never written nor read).
+    with build_slot_meta's metas, allocates nothing for tokens without an adapter (a per-token
+    meta's N is T: their rows are never written nor read). Unchecked, as sgmv_expand.
     """
-    _check_common(x, A, meta, "x", "A")
-    if A.shape[2] != x.shape[1]:
-        raise ValueError(f"A {tuple(A.shape)} does not match x {tuple(x.shape)} on d_in")
     n, d_in, rank = meta.num_active, x.shape[1], A.shape[1]
     buf = torch.empty((n, rank), dtype=torch.float32, device=x.device)  # (N, R)
     if meta.num_tiles == 0 or rank == 0:
         return buf
-    block_r = _block(rank, _MIN_BLOCK, _MAX_BLOCK_R)
-    bk = _check_block("block_k", block_k) if block_k is not None else _DEFAULT_BLOCK_K
+    block_r = _block_r(rank)
+    bk = _DEFAULT_BLOCK_K
+    if block_k is not None:
+        bk = check_block("block_k", block_k, MIN_DOT_BLOCK)
     grid = (meta.num_tiles, triton.cdiv(rank, block_r))
     _sgmv_shrink_kernel[grid](
         x,
@@ -233,30 +205,24 @@ def sgmv_expand(
     buf: Tensor,
     B: Tensor,
     scales: Tensor,
-    meta: LoRAMeta,
+    meta: SlotMeta,
     *,
     block_n: int | None = None,
 ) -> None:
-    """In place: y[sorted_tokens[p]] += scales[k_p] * buf[p] @ B[k_p]^T (no atomics)."""
-    _check_common(y, B, meta, "y", "B")
-    n, rank = meta.num_active, B.shape[2]
-    if buf.shape != (n, rank) or buf.dtype != torch.float32 or buf.device != y.device:
-        raise ValueError(
-            f"buf must be fp32 ({n}, {rank}) on {y.device}, got {buf.dtype} "
-            f"{tuple(buf.shape)} on {buf.device}"
-        )
-    if B.shape[1] != y.shape[1]:
-        raise ValueError(f"B {tuple(B.shape)} does not match y {tuple(y.shape)} on d_out")
-    if scales.shape != (B.shape[0],) or scales.dtype != torch.float32 or scales.device != y.device:
-        raise ValueError(
-            f"scales must be fp32 ({B.shape[0]},) on {y.device}, got {scales.dtype} "
-            f"{tuple(scales.shape)} on {scales.device}"
-        )
+    """In place: y[sorted_tokens[p]] += scales[k_p] * buf[p] @ B[k_p]^T (no atomics).
+
+    buf is sgmv_shrink's (N, R) fp32 output for the same meta. Neither launcher checks its
+    arguments: lora_apply checks them once per call (kernels/checks.py check_lora_args) before
+    it launches both, and a direct caller must do the same.
+    """
+    rank = B.shape[2]
     d_out = y.shape[1]
     if meta.num_tiles == 0 or rank == 0 or d_out == 0:
         return
-    block_r = _block(rank, _MIN_BLOCK, _MAX_BLOCK_R)
-    bn = _check_block("block_n", block_n) if block_n is not None else _DEFAULT_BLOCK_N
+    block_r = _block_r(rank)
+    bn = _DEFAULT_BLOCK_N
+    if block_n is not None:
+        bn = check_block("block_n", block_n, MIN_DOT_BLOCK)
     grid = (meta.num_tiles, triton.cdiv(d_out, bn))
     _sgmv_expand_kernel[grid](
         y,

@@ -38,9 +38,9 @@ from typing import Annotated, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # adapters come from local paths only
 
-from fastapi import FastAPI, Form, Request, UploadFile  # noqa: E402
-from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
-from pydantic import BaseModel, Field  # noqa: E402
+from fastapi import FastAPI, Form, Request, UploadFile
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, Field
 
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

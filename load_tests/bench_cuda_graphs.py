@@ -21,14 +21,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import bench_offline as bo
+import bench_roofline as br
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_offline as bo  # noqa: E402
-import bench_roofline as br  # noqa: E402
-
-from server.engine.cuda_graphs import Capture, replay_by_calling  # noqa: E402
+from hotlora.server.engine.cuda_graphs import Capture, replay_by_calling
 
 
 def run_model(name: str, args: argparse.Namespace, device: str) -> list[dict[str, object]]:

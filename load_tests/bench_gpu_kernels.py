@@ -27,9 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common
 
 # Spec DRAM bandwidth (GB/s) by a substring of torch.cuda.get_device_name().
 SPEC_GBPS = {
@@ -128,9 +126,9 @@ def copy_bandwidth(device: str) -> float | None:
 def bench_kernels(device: str, dtype_name: str, smoke: bool, iters: int) -> dict[str, Any]:
     import torch
 
-    from kernels import build_lora_meta, lora_reference
-    from kernels.lora import _torch_apply
-    from kernels.triton_lora import sgmv_expand, sgmv_shrink
+    from hotlora.kernels import build_slot_meta, lora_reference
+    from hotlora.kernels.lora import _torch_apply
+    from hotlora.kernels.triton_lora import sgmv_expand, sgmv_shrink
 
     dtype = getattr(torch, dtype_name)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -152,7 +150,7 @@ def bench_kernels(device: str, dtype_name: str, smoke: bool, iters: int) -> dict
     for label, T, G in SMOKE_SCENARIOS if smoke else SCENARIOS:
         slot_ids = torch.randperm(S, generator=g)[:G]
         slots = slot_ids[torch.randint(0, G, (T,), generator=g)]  # (T,) mixed over G slots
-        meta = build_lora_meta(slots, device)
+        meta = build_slot_meta(slots, device)
         used = len(meta.seg_slots_host)
         for tname, d_in, d_out in SMOKE_SHAPES if smoke else SHAPES:
             x = torch.randn(T, d_in, generator=g).to(device, dtype)  # (T, d_in)
@@ -253,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
     import torch
 
-    import kernels  # noqa: F401  (import check)
+    import hotlora.kernels  # noqa: F401  (import check)
 
     if args.dry_run:
         print(

@@ -1,6 +1,6 @@
 """CPU timings of lora_apply's torch path vs the naive options, GPT-2-small shapes, fp32.
 
-Per call:  each scenario x target shape; the chosen plan (what build_lora_meta picks), every
+Per call:  each scenario x target shape; the chosen plan (what build_slot_meta picks), every
            other plan forced, and naive baselines. Weights are reused, so this is cache-warm.
 Per step:  12 layers x 3 targets with distinct weights per layer (cache-cold, like the engine),
            against the step's 48 base linears of the same layers.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import LoRAMeta, build_lora_meta, lora_apply
+from hotlora.kernels import SlotMeta, build_slot_meta, lora_apply
 
 S = 64  # resident slots
 R = 16
@@ -53,7 +53,7 @@ class Call:
     A: Tensor  # (S, R, d_in)
     B: Tensor  # (S, d_out, R)
     s: Tensor  # (S,)
-    meta: LoRAMeta
+    meta: SlotMeta
     slots: list[int]
     offs: Tensor  # (max_slot+1,) int32 group ends, for grouped_mm
 
@@ -89,7 +89,7 @@ def best_us(fn: Callable[[], object], budget_s: float, batches: int = 7) -> floa
     return best
 
 
-def run_chosen(c: Call) -> None:  # the plan build_lora_meta picked for this storage
+def run_chosen(c: Call) -> None:  # the plan build_slot_meta picked for this storage
     lora_apply(c.y, c.x, c.A, c.B, c.s, c.meta)
 
 
@@ -139,7 +139,7 @@ def bench_calls(budget_s: float) -> None:
     print("|" + "---|" * (len(cols) + 4))
     for name, T, G, layout in SCENARIOS:
         slots = make_slots(T, G, layout)
-        meta = build_lora_meta(slots, "cpu")
+        meta = build_slot_meta(slots, "cpu")
         counts = torch.bincount(torch.tensor(slots)[meta.sorted_tokens])  # (max_slot+1,)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         for (tname, d_in, d_out), storage in itertools.product(SHAPES, STORAGES):
@@ -173,7 +173,7 @@ def base_step(xs: dict[int, Tensor], ys: dict[int, Tensor], W: list[list[Tensor]
 
 def lora_step(
     xs: dict[int, Tensor], ys: dict[int, Tensor], AB: list[list[tuple[Tensor, Tensor]]],
-    s: Tensor, meta: LoRAMeta,
+    s: Tensor, meta: SlotMeta,
 ) -> None:  # fmt: skip
     """The 36 adapter calls of a decode step (c_attn, attn.c_proj, mlp.c_fc per layer)."""
     for layer in AB:
@@ -201,7 +201,7 @@ def bench_step(budget_s: float) -> None:
     print("|" + "---|" * (6 + len(PLANS)))
     for name, T, G, layout in SCENARIOS[:3]:
         slots = make_slots(T, G, layout)
-        meta = build_lora_meta(slots, "cpu")
+        meta = build_slot_meta(slots, "cpu")
         xs = {i: torch.randn(T, i, generator=g) for i in (768, 3072)}  # (T, d_in)
         ys = {o: torch.randn(T, o, generator=g) for o in (768, 2304, 3072)}  # (T, d_out)
         t_base = best_us(functools.partial(base_step, xs, ys, W), budget_s * 3, 5) / 1e3
@@ -219,8 +219,8 @@ def bench_step(budget_s: float) -> None:
             plans = " | ".join(f"{t[p]:.2f}" for p in PLANS)
             print(f"| {name} | {storage} | {plan} | {t_base:.1f} | {t[plan]:.2f} | "
                   f"{t[plan] / t_base:.1%} | {plans} |", flush=True)  # fmt: skip
-    t_meta = best_us(functools.partial(build_lora_meta, make_slots(32, 32, "mixed"), "cpu"), 0.2)
-    print(f"\nbuild_lora_meta (T=32, 32 slots, once per step): {t_meta:.0f} us")
+    t_meta = best_us(functools.partial(build_slot_meta, make_slots(32, 32, "mixed"), "cpu"), 0.2)
+    print(f"\nbuild_slot_meta (T=32, 32 slots, once per step): {t_meta:.0f} us")
 
 
 def main() -> None:

@@ -30,17 +30,14 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hotlora.adapters.adapter import Adapter, save_adapter
+from hotlora.adapters.demo_tasks import build_tokenizer
+from hotlora.adapters.format import BaseShapes, load_lora_adapter
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.server.engine.cuda_graphs import Capture
+from hotlora.server.engine.loader import read_config
 
-import common  # noqa: E402
-
-from adapters.adapter import Adapter, save_adapter  # noqa: E402
-from adapters.demo_tasks import build_tokenizer  # noqa: E402
-from adapters.format import BaseShapes, load_lora_adapter  # noqa: E402
-from server.engine import Engine, EngineConfig, SamplingParams  # noqa: E402
-from server.engine.cuda_graphs import Capture  # noqa: E402
-from server.engine.loader import read_config  # noqa: E402
+import common
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 KINDS = ("lora", "deu", "lora+deu")

@@ -18,16 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_serving as bs  # noqa: E402
-import common  # noqa: E402
+import bench_serving as bs
+import common
 
 
 @dataclass
@@ -78,7 +75,7 @@ def offline_run(
     """A closed loop of c rows through Engine.add_request/step: output tok/s and batch shape."""
     import torch
 
-    from server.engine import Engine, EngineConfig, SamplingParams
+    from hotlora.server.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine.from_pretrained(
         args.model_dir, EngineConfig(max_batch=c, max_adapters=slots, max_rank=args.rank)

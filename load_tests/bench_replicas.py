@@ -26,10 +26,8 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from load_tests import bench_serving  # noqa: E402
-from load_tests.common import DEMO_MODEL, ServerProcess, machine_info  # noqa: E402
+import bench_serving
+from common import DEMO_MODEL, ServerProcess, machine_info
 
 
 def per_replica(url: str) -> dict[str, dict[str, float]]:

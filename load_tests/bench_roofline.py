@@ -35,17 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import bench_offline as bo
 import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_offline as bo  # noqa: E402
-
-from server.engine import Engine, SamplingParams  # noqa: E402
-from server.engine.models import base as model_base  # noqa: E402
-from server.engine.models import gpt2, llama  # noqa: E402
+from hotlora.server.engine import Engine, SamplingParams
+from hotlora.server.engine.models import base as model_base
+from hotlora.server.engine.models import gpt2, llama
 
 # Each round times every configuration (and the isolated GEMMs) once, round-robin; a figure is
 # its best round, so a slow spell on a shared machine costs every configuration a round

@@ -53,10 +53,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import bench_serving as bs  # noqa: E402
-import common  # noqa: E402
+import bench_serving as bs
+import common
 
 DEMO_ADAPTER = common.REPO / "adapters" / "demo" / "adapters" / "reverse"
 PARTS = ("store", "startup", "listing", "upload", "rss", "cold", "throughput", "hotswap")
@@ -98,7 +96,7 @@ def _within(value: float, limit: float) -> bool:
 
 
 def base_shapes(model_dir: Path) -> Any:
-    from adapters.format import BaseShapes
+    from hotlora.adapters.format import BaseShapes
 
     d = common.base_dims(model_dir)
     return BaseShapes.gpt2(d.n_layer, d.n_embd, d.n_inner)
@@ -106,8 +104,8 @@ def base_shapes(model_dir: Path) -> Any:
 
 def build_store(root: Path, model_dir: Path, n: int, src: Path, max_rank: int) -> float:
     """A store of n adapters scale-00000 ... (see the module docstring); returns seconds."""
-    from adapters.format import CONFIG_NAME, WEIGHTS_NAME
-    from adapters.store import META_NAME, AdapterStore
+    from hotlora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
+    from hotlora.adapters.store import META_NAME, AdapterStore
 
     t0 = time.perf_counter()
     store = AdapterStore(root, base_shapes(model_dir), max_rank)
@@ -131,7 +129,7 @@ def adapter_name(i: int) -> str:
 
 def store_open(root: Path, model_dir: Path, max_rank: int, n: int) -> list[Row]:
     """AdapterStore(...) on the built store: open time, index bytes, lookups."""
-    from adapters.store import AdapterStore
+    from hotlora.adapters.store import AdapterStore
 
     base = base_shapes(model_dir)
     times = []
@@ -284,9 +282,9 @@ def rss(full: int, empty: int, n: int) -> list[Row]:
 
 def cold_load(work: Path, base_kind: str, rank: int, loads: int, distinct: int) -> list[Row]:
     """store.load -> cache.put -> engine.load_adapter, each load a cache miss (a new key)."""
-    from adapters.cache import ByteLRU
-    from adapters.store import AdapterStore
-    from server.engine import Engine, EngineConfig
+    from hotlora.adapters.cache import ByteLRU
+    from hotlora.adapters.store import AdapterStore
+    from hotlora.server.engine import Engine, EngineConfig
 
     model_dir = work / f"base-{base_kind}"
     if not (model_dir / "config.json").exists():
@@ -499,7 +497,7 @@ def hot_swap_latency(args: argparse.Namespace, url: str) -> list[Row]:
     request again (the version now resident) for the plain TTFT."""
     import httpx
 
-    from adapters.demo_tasks import prompt_for
+    from hotlora.adapters.demo_tasks import prompt_for
 
     prompt, name = prompt_for("hello"), "hotswap"
     swaps, plain, uploads = [], [], []

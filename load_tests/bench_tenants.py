@@ -28,12 +28,11 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from hotlora.adapters.demo_tasks import DEMO_MODEL
+from hotlora.server.tenants import key_digest
 
-from adapters.demo_tasks import DEMO_MODEL  # noqa: E402
-from load_tests.bench_serving import RequestSpec, Result, send  # noqa: E402
-from load_tests.common import ServerProcess, machine_info, percentile  # noqa: E402
-from server.tenants import key_digest  # noqa: E402
+from bench_serving import RequestSpec, Result, send
+from common import ServerProcess, machine_info, percentile
 
 KEYS = {"victim": "sk-bench-victim", "flood": "sk-bench-flood"}
 

@@ -23,8 +23,6 @@ from typing import IO, Any
 from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 DEMO_MODEL = REPO / "adapters" / "demo" / "hotlora-demo"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -181,8 +179,8 @@ def make_adapter(
     """
     import torch
 
-    from adapters.format import BaseShapes, LoRAAdapter, LoRAModule, save_lora_adapter
-    from adapters.lora_config import LoRAConfig
+    from hotlora.adapters.format import BaseShapes, LoRAAdapter, LoRAModule, save_lora_adapter
+    from hotlora.adapters.lora_config import LoRAConfig
 
     config = LoRAConfig.from_dict(
         {
@@ -229,8 +227,8 @@ def random_deu(
     (adapters.layout; default GPT-2)."""
     import torch
 
-    from adapters.deu_format import DEUAdapter, DEUConfig
-    from adapters.layout import GPT2_LAYOUT
+    from hotlora.adapters.deu_format import DEUAdapter, DEUConfig
+    from hotlora.adapters.layout import GPT2_LAYOUT
 
     gen = torch.Generator().manual_seed(seed)
     layers = tuple(range(n_layer)) if layers is None else layers
@@ -292,7 +290,7 @@ def random_base_tokenizer(vocab_size: int) -> Any:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-    from adapters.demo_tasks import EOS, build_tokenizer
+    from hotlora.adapters.demo_tasks import EOS, build_tokenizer
 
     base = build_tokenizer().get_vocab()
     vocab = {tok: i for tok, i in base.items() if i < 256}
@@ -369,7 +367,8 @@ def rss_bytes(pid: int) -> int:
 class ServerProcess:
     """A hotlora or baseline server in a subprocess on a free 127.0.0.1 port.
 
-    kind "hotlora" runs `python -m server serve`; "baseline" runs load_tests/baseline_server.py.
+    kind "hotlora" runs `python -m hotlora.server serve`; "baseline" runs
+    load_tests/baseline_server.py.
     The adapter store is a fresh temporary directory unless given. Output goes to a log file.
     """
 
@@ -405,7 +404,7 @@ class ServerProcess:
             return [
                 sys.executable,
                 "-m",
-                "server",
+                "hotlora.server",
                 "serve",
                 *common_args,
                 "--adapter-store",

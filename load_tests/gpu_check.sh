@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared command for a task lent a CUDA GPU (step timeouts sum to 9.5 minutes):
 #   1. nvidia-smi and the torch/triton versions
-#   2. the gpu-marked tests:            python -m pytest -m gpu tests/kernels tests/engine
+#   2. the gpu-marked tests:            pytest -m gpu tests/kernels tests/engine
 #                                       (Triton kernels; the whole engine in fp32/fp16/bf16 on
 #                                       CUDA against the CPU fp32 engine, mixed rows == solo)
 #   3. the SGMV kernel micro-benchmark: shrink/expand vs the torch path, GB/s and the share of
@@ -36,7 +36,7 @@ fi
 OUT_DIR=${OUT:-load_tests/results/gpu}
 
 STEPS=(
-  "160 pytest_gpu       $PY -m pytest -m gpu tests/kernels tests/engine -q -p no:cacheprovider"
+  "160 pytest_gpu       $PY -P -m pytest -m gpu tests/kernels tests/engine -q -p no:cacheprovider"
   "70  kernels          $PY load_tests/bench_gpu_kernels.py --json $OUT_DIR/gpu_kernels.json"
   "120 cuda_graphs      $PY load_tests/bench_cuda_graphs.py --json $OUT_DIR/cuda_graphs.json"
   "100 roofline_gpu     $PY load_tests/bench_roofline.py --device cuda --dtypes bfloat16 --json $OUT_DIR/roofline_gpu.json"
@@ -52,7 +52,8 @@ if [[ $DRY == 1 ]]; then
   $PY load_tests/bench_gpu_kernels.py --help > /dev/null
   $PY load_tests/bench_roofline.py --help > /dev/null
   $PY load_tests/bench_cuda_graphs.py --help > /dev/null
-  $PY -c "import kernels, kernels.lora, kernels.deu, kernels.attention, server.engine.cuda_graphs; print('imports ok')"
+  # -P: the checkout root stays off sys.path (its kernels/ would shadow Hugging Face's kernels)
+  $PY -P -c "import hotlora.kernels.lora, hotlora.kernels.deu, hotlora.kernels.attention, hotlora.server.engine.cuda_graphs; print('imports ok')"
   echo "gpu_check.sh --dry-run: ok"
   exit 0
 fi

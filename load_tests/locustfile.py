@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,13 +28,7 @@ from typing import Any
 
 from locust import HttpUser, between, events, task
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
-
-# Imported now: locust trims sys.path after loading this file, and the adapter writer needs them.
-import adapters.format  # noqa: E402, F401
-import adapters.lora_config  # noqa: E402, F401
+import common
 
 MODEL_DIR = Path(os.environ.get("HOTLORA_LOCUST_MODEL_DIR", str(common.DEMO_MODEL)))
 ADMIN_KEY = os.environ.get("HOTLORA_LOCUST_ADMIN_KEY")

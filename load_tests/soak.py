@@ -49,9 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common
 
 PROBE_WORDS = ("hotlora", "adapter", "kernel")
 IDLE_TIMEOUT = 10.0  # seconds for the server to go idle after the churn adapters are deleted

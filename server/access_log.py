@@ -25,10 +25,10 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.config import Settings
-from server.errors import error_body
-from server.lifecycle import DrainMiddleware, Lifecycle
-from server.request_record import RECORD_KEY, RequestRecord, new_request_id
+from hotlora.server.config import Settings
+from hotlora.server.errors import error_body
+from hotlora.server.lifecycle import DrainMiddleware, Lifecycle
+from hotlora.server.request_record import RECORD_KEY, RequestRecord, new_request_id
 
 access_log = logging.getLogger("hotlora.access")
 audit_log = logging.getLogger("hotlora.audit")
@@ -61,9 +61,10 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _line(fields: dict[str, Any]) -> str:
-    # ensure_ascii: a name with a newline or odd bytes stays on one escaped line
-    return json.dumps(fields, separators=(",", ":"), ensure_ascii=True)
+def _line(kind: str, fields: dict[str, Any]) -> str:
+    # "log" first: access and audit lines share a stream, and a log pipeline routes on it.
+    # ensure_ascii: a name with a newline or odd bytes stays on one escaped line.
+    return json.dumps({"log": kind, **fields}, separators=(",", ":"), ensure_ascii=True)
 
 
 class AccessLogMiddleware:
@@ -137,6 +138,7 @@ class AccessLogMiddleware:
     ) -> str:
         client = scope.get("client")
         return _line(
+            "access",
             {
                 "timestamp": _now(),
                 "request_id": record.request_id,
@@ -169,6 +171,7 @@ def audit(
     unload): who did what to which adapter version, and how it ended."""
     audit_log.info(
         _line(
+            "audit",
             {
                 "timestamp": _now(),
                 "request_id": record.request_id,

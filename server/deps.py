@@ -7,10 +7,10 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from server.errors import APIError
-from server.request_record import record_of
-from server.state import AppState
-from server.tenants import (
+from hotlora.server.errors import APIError
+from hotlora.server.request_record import record_of
+from hotlora.server.state import AppState
+from hotlora.server.tenants import (
     ADMIN,
     ANONYMOUS_ADMIN,
     ANONYMOUS_USER,

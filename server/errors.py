@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from server.schemas import ErrorBody, ErrorResponse
+from hotlora.server.schemas import ErrorBody, ErrorResponse
 
 log = logging.getLogger(__name__)
 

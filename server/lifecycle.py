@@ -15,13 +15,15 @@ import logging
 import math
 import signal
 import socket
+from collections.abc import MutableMapping
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.errors import error_body
+from hotlora.server.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,36 @@ class DrainMiddleware:
         await self.app(scope, receive, send)
 
 
+class StartupGuard:
+    """The app, but an exception of its lifespan's start-up (the engine failing to load) is
+    kept in `error` for `hotlora serve` to report in one line, not handed to uvicorn's log as
+    a traceback; uvicorn still sees the start-up fail and exits."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.error: BaseException | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        failed = False
+
+        async def quiet_send(message: MutableMapping[str, Any]) -> None:
+            nonlocal failed
+            if message["type"] == "lifespan.startup.failed":
+                failed = True
+                message = {**message, "message": ""}  # starlette's traceback text
+            await send(message)
+
+        try:
+            await self.app(scope, receive, quiet_send)
+        except BaseException as e:
+            if failed and self.error is None:
+                self.error = e
+            raise
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn's Server, but SIGTERM drains before it stops.
 
@@ -118,6 +150,18 @@ class GracefulServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and sockets:
+            # uvicorn announces only the addresses it bound itself; `hotlora serve` binds
+            # before the model loads (server/preflight.py), so say it here, in uvicorn's words
+            for sock in sockets:
+                host, port = sock.getsockname()[:2]
+                shown = f"[{host}]" if ":" in host else host
+                logging.getLogger("uvicorn.error").info(
+                    "Uvicorn running on http://%s:%d (Press CTRL+C to quit)", shown, port
+                )
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler (main thread, between two bytecodes of the loop): it flips flags and

@@ -12,21 +12,21 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from adapters.demo_tasks import demo_adapters
-from adapters.store import AdapterStore
-from server.access_log import install_request_middleware
-from server.config import Settings
-from server.engine import EngineConfig
-from server.engine.chat_template import ChatTemplate
-from server.engine.client import EngineClient
-from server.engine.core import CoreConfig, LoopConfig
-from server.engine.inputs import InputProcessor
-from server.errors import install_error_handlers
-from server.metrics import Metrics
-from server.openapi import install_openapi
-from server.routes import adapters, chat, completions, health, models, tokenize
-from server.state import AppState
-from server.tenants import WATCH_INTERVAL_S, TenantRegistry
+from hotlora.adapters.demo_tasks import demo_adapters
+from hotlora.adapters.store import AdapterStore
+from hotlora.server.access_log import install_request_middleware
+from hotlora.server.config import Settings
+from hotlora.server.engine import EngineConfig
+from hotlora.server.engine.chat_template import ChatTemplate
+from hotlora.server.engine.client import EngineClient
+from hotlora.server.engine.core import CoreConfig, LoopConfig
+from hotlora.server.engine.inputs import InputProcessor
+from hotlora.server.errors import install_error_handlers
+from hotlora.server.metrics import Metrics
+from hotlora.server.openapi import install_openapi
+from hotlora.server.routes import adapters, chat, completions, health, models, tokenize
+from hotlora.server.state import AppState
+from hotlora.server.tenants import WATCH_INTERVAL_S, TenantRegistry
 
 log = logging.getLogger("hotlora.server")
 

@@ -9,10 +9,10 @@ tenant's adapter `tenant/name`.
 
 from __future__ import annotations
 
-from adapters.store import AdapterStore, AdapterVersion
-from adapters.version import qualify, split_name, valid_qualified, valid_tenant
-from server.errors import APIError
-from server.tenants import Principal, TenantRegistry
+from hotlora.adapters.store import AdapterStore, AdapterVersion
+from hotlora.adapters.version import qualify, split_name, valid_qualified, valid_tenant
+from hotlora.server.errors import APIError
+from hotlora.server.tenants import Principal, TenantRegistry
 
 
 def namespaces(p: Principal) -> tuple[str | None, ...] | None:

@@ -20,8 +20,8 @@ from typing import Any, Literal
 from fastapi import FastAPI
 from pydantic import BaseModel
 
-from server.openai_schemas import ChatCompletionChunk
-from server.schemas import (
+from hotlora.server.openai_schemas import ChatCompletionChunk
+from hotlora.server.schemas import (
     ADAPTER_NAME_PATTERN,
     AdapterDeleted,
     ErrorResponse,

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from server.tenants import Principal, TenantLimits
+from hotlora.server.tenants import Principal, TenantLimits
 
 
 class RateLimited(Exception):

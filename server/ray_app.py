@@ -1,8 +1,8 @@
 """hotlora on Ray Serve: N engine replicas behind one OpenAI-compatible ingress.
 
     hotlora serve --replicas 2                       # a local Ray cluster (or --ray-address)
-    serve run server.ray_app:app                     # settings from HOTLORA_* (replicas: 1)
-    serve run server.ray_app:build_app replicas=2    # the same, settings as arguments
+    serve run hotlora.server.ray_app:app                     # settings from HOTLORA_* (replicas: 1)
+    serve run hotlora.server.ray_app:build_app replicas=2    # the same, settings as arguments
 
 `HotloraReplica` runs the single-process server's own app (`server.main.create_app`: routes,
 auth, errors, metrics, its engine loop) and answers each forwarded request by calling that app
@@ -24,6 +24,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -34,8 +36,8 @@ from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from server.config import Settings
-from server.ray_metrics import PUSH_INTERVAL_S, MetricsBoard
+from hotlora.server.config import Settings
+from hotlora.server.ray_metrics import PUSH_INTERVAL_S, MetricsBoard
 
 log = logging.getLogger("hotlora.ray")
 
@@ -133,7 +135,7 @@ class HotloraReplica:
     async def __init__(  # type: ignore[misc]  # Ray Serve awaits an async __init__
         self, settings: dict[str, Any], board: DeploymentHandle | None = None
     ) -> None:
-        from server.main import create_app
+        from hotlora.server.main import create_app
 
         self.settings = Settings(**settings)
         self.app = create_app(self.settings)
@@ -354,30 +356,43 @@ def application(settings: Settings) -> Any:
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """`serve run server.ray_app:build_app name=value ...`: settings by field name."""
+    """`serve run hotlora.server.ray_app:build_app name=value ...`: settings by field name."""
     return application(Settings(**args))
 
 
 def __getattr__(name: str) -> Any:
-    # `serve run server.ray_app:app` (and a RayService's import_path): settings from HOTLORA_*.
+    # `serve run hotlora.server.ray_app:app` (and a RayService's import_path): settings from
+    # HOTLORA_*.
     if name == "app":
         return application(Settings())
     raise AttributeError(name)
 
 
 def serve_forever(settings: Settings) -> int:
-    """`hotlora serve --replicas N`: start or join Ray, deploy, block until SIGINT or SIGTERM
-    (both shut Serve and a Ray cluster this process started down)."""
+    """`hotlora serve --replicas N`: start or join Ray, deploy, block until SIGINT or SIGTERM,
+    then stop Serve and a Ray cluster this process started, leaving none of its processes
+    behind (server/process_tree.py), in under 10 s. The caller should end the process next
+    without Ray's exit hooks (`os._exit`): they would shut Ray down again, waiting on a
+    cluster that is gone."""
     import signal
-    import time
+
+    from hotlora.server.process_tree import ProcessTree
 
     def stop(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
+    tree = ProcessTree()
+    tree.watch()  # from before ray.init: every process the cluster starts is recorded
+    own_cluster = False
     signal.signal(signal.SIGTERM, stop)
-    ray.init(address=settings.ray_address, ignore_reinit_error=True)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
     try:
+        ray.init(address=settings.ray_address, ignore_reinit_error=True)
+        tree.track()
+        own_cluster = bool(tree.alive())  # joined a running cluster: none are this run's
+        # ray.init puts its own SIGTERM handlers in place (the core worker's aborts the
+        # process with a stack dump, before any cleanup): this one stops as SIGINT does.
+        signal.signal(signal.SIGTERM, stop)
+        serve.start(http_options={"host": settings.host, "port": settings.port})
         serve.run(application(settings), name="hotlora", route_prefix="/")
         log.warning(
             "hotlora: %d replicas on Ray Serve at http://%s:%d",
@@ -390,5 +405,38 @@ def serve_forever(settings: Settings) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        # a second signal must not cut the cleanup short (it is bounded)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # Each step may hang on a cluster that is going down (a SIGTERM to the process group
+        # reaches every Ray process too), so each gets a bounded time; then whatever of this
+        # run's processes is left is ended. Serve's own stop is for a cluster that stays up
+        # (joined), where nothing else removes the application; one this run started goes
+        # away whole, Serve's state with it (and Serve's stop of each replica takes seconds).
+        if own_cluster:
+            log.warning("hotlora: stopping the Ray cluster")
+        else:
+            log.warning("hotlora: removing the application from Ray Serve")
+            _bounded(serve.shutdown, 10.0)
+        _bounded(ray.shutdown, 3.0)
+        tree.reap(grace_s=0.5)
+
+
+def _bounded(call: Callable[[], object], timeout_s: float) -> None:
+    """`call()` on a daemon thread, waited for `timeout_s` at most; errors are logged."""
+
+    def run() -> None:
+        try:
+            call()
+        except Exception as e:  # noqa: BLE001 - shutting down: report and go on
+            log.warning("%s failed while stopping: %r", getattr(call, "__qualname__", call), e)
+
+    name = getattr(call, "__module__", "") + "." + getattr(call, "__qualname__", "")
+    start = time.monotonic()
+    thread = threading.Thread(target=run, name="hotlora-stop", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        log.warning("%s did not finish in %g s: going on", name, timeout_s)
+    else:
+        log.info("%s took %.1f s", name, time.monotonic() - start)

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.json_schema import JsonDict
 
-from server.openai_schemas import STRICT, ChatMessage, TokenId
+from hotlora.server.openai_schemas import STRICT, ChatMessage, TokenId
 
 # An adapter's name as the API addresses it: a name (adapters/store.py check_name: no leading
 # dot), optionally behind a tenant's namespace ("tenant/name", how an admin addresses a tenant's

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adapters.store import AdapterStore, AdapterVersion
-from server.config import Settings
-from server.engine.chat_template import ChatTemplate
-from server.engine.client import EngineClient
-from server.engine.inputs import InputProcessor
-from server.errors import APIError
-from server.metrics import Metrics
-from server.namespaces import resolve
-from server.rate_limit import RateLimiter
-from server.tenants import Principal, TenantRegistry
+from hotlora.adapters.store import AdapterStore, AdapterVersion
+from hotlora.server.config import Settings
+from hotlora.server.engine.chat_template import ChatTemplate
+from hotlora.server.engine.client import EngineClient
+from hotlora.server.engine.inputs import InputProcessor
+from hotlora.server.errors import APIError
+from hotlora.server.metrics import Metrics
+from hotlora.server.namespaces import resolve
+from hotlora.server.rate_limit import RateLimiter
+from hotlora.server.tenants import Principal, TenantRegistry
 
 
 @dataclass(frozen=True)

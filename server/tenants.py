@@ -20,14 +20,18 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from adapters.version import TENANT_RE
+from hotlora.adapters.version import TENANT_RE
 
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_S = 1.0  # how often the file is checked for changes (besides SIGHUP)
 
 
+_FIX = "fix the file named by --tenants-file / HOTLORA_TENANTS_FILE"
+
+
 class TenantsFileError(Exception):
-    """The tenants file cannot be read or is invalid (the message says where)."""
+    """The tenants file cannot be read or is invalid; the message, one line, says where and
+    what to do."""
 
 
 class TenantLimits(BaseModel):
@@ -105,15 +109,29 @@ def _read(path: Path) -> TenantsFile:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise TenantsFileError(f"{path}: cannot read the tenants file ({e})") from e
+        reason = e.strerror or str(e)  # strerror: without the path, named already
+        raise TenantsFileError(f"{path}: cannot read the tenants file ({reason}); {_FIX}") from e
+    except UnicodeDecodeError as e:
+        raise TenantsFileError(f"{path}: the tenants file is not UTF-8 ({e}); {_FIX}") from e
+    kind = "JSON" if path.suffix == ".json" else "YAML"
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:
-        raise TenantsFileError(f"{path}: not valid {path.suffix or 'YAML'} ({e})") from e
+        reason = " ".join(str(e).split())  # YAML's messages span lines
+        raise TenantsFileError(f"{path}: not valid {kind} ({reason}); {_FIX}") from e
     try:
         return TenantsFile.model_validate(data)
     except ValidationError as e:
-        raise TenantsFileError(f"{path}: invalid tenants file:\n{e}") from e
+        raise TenantsFileError(f"{path}: invalid tenants file: {_problems(e)}; {_FIX}") from e
+
+
+def _problems(e: ValidationError) -> str:
+    """pydantic's errors on one line: `tenants.0.keys_sha256: Field required, ...`."""
+    parts = []
+    for err in e.errors():
+        where = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    return ", ".join(parts)
 
 
 def _stamp(path: Path) -> tuple[int, int, int] | None:

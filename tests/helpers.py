@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from adapters.demo_tasks import build_tokenizer
+from hotlora.adapters.demo_tasks import build_tokenizer
 
 VOCAB = 257  # the demo byte-level tokenizer, so every test model can also decode text
 
@@ -80,7 +80,7 @@ def random_deu(
     layout: Any = None,
 ) -> Any:
     """load_tests/common.py's random DEU adapter, for the base the tests call "test-base"."""
-    from load_tests.common import random_deu as make
+    from common import random_deu as make
 
     return make(
         n_layer,
@@ -98,8 +98,8 @@ def save_deu(
     path: Path, deu: Any, base: Any, lora_dir: Path | None = None, name: str = "deu"
 ) -> Path:
     """Write a DEU (or, with the PEFT LoRA directory `lora_dir`, a LoRA+DEU) adapter dir."""
-    from adapters.adapter import Adapter, save_adapter
-    from adapters.format import load_lora_adapter
+    from hotlora.adapters.adapter import Adapter, save_adapter
+    from hotlora.adapters.format import load_lora_adapter
 
     lora = None
     if lora_dir is not None:
@@ -114,7 +114,7 @@ def hf_with_deu(model: Any, deu: Any) -> Any:
     under test."""
     import copy
 
-    from kernels.reference import deu_unit_reference
+    from hotlora.kernels.reference import deu_unit_reference
 
     model = copy.deepcopy(model)
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model

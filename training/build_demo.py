@@ -1,10 +1,10 @@
 """Rebuild the shipped demo assets: a base model, then its adapters.
 
-    python -m training.build_demo                  # GPT-2 base + one LoRA per demo task
-    python -m training.build_demo --adapters-only
-    python -m training.build_demo --family llama   # Llama base + all-linear LoRA + a DEU
+    python -m hotlora.training.build_demo                  # GPT-2 base + one LoRA per demo task
+    python -m hotlora.training.build_demo --adapters-only
+    python -m hotlora.training.build_demo --family llama   # Llama base + all-linear LoRA + a DEU
 
-(The GPT-2 demo's upper-deu comes from `python -m training.deu_study --ship`.) Prints each
+(The GPT-2 demo's upper-deu comes from `python -m hotlora.training.deu_study --ship`.) Prints each
 task's held-out greedy accuracy for the base alone and with its adapter.
 """
 
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.demo_tasks import (
+from hotlora.adapters.demo_tasks import (
     DEMO_ADAPTERS,
     DEMO_MODEL,
     DEMO_TASKS,
@@ -24,8 +24,8 @@ from adapters.demo_tasks import (
     LLAMA_DEMO_MODEL,
     TASKS,
 )
-from training.pretrain_demo import pretrain
-from training.train import accuracy, train_adapter
+from hotlora.training.pretrain_demo import pretrain
+from hotlora.training.train import accuracy, train_adapter
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Is a DEU adapter worth serving? Train DEU, LoRA at a similar size, and LoRA+DEU per task.
 
-    python -m training.deu_study                       # upper and sort, ~15 min on 2 cores
-    python -m training.deu_study --tasks upper --ship  # also copy the best DEU into the demo
+    python -m hotlora.training.deu_study                      # upper and sort, ~15 min, 2 cores
+    python -m hotlora.training.deu_study --tasks upper --ship # also copy the best DEU to the demo
 
 Prints a markdown table (trainable parameters, training seconds, held-out greedy accuracy
 served by the engine) and plots learned activation shapes next to GELU (needs matplotlib).
@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from adapters.adapter import load_adapter
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, TASKS
-from adapters.format import BaseShapes
-from kernels.deu import deu_activation
-from server.engine.loader import read_config
-from training.train import TrainResult, accuracy, train_adapter
+from hotlora.adapters.adapter import load_adapter
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, TASKS
+from hotlora.adapters.format import BaseShapes
+from hotlora.kernels.deu import deu_activation
+from hotlora.server.engine.loader import read_config
+from hotlora.training.train import TrainResult, accuracy, train_adapter
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Score the lm_eval tasks of `training/eval_tasks/` offline, with the engine (no server).
 
-    python -m training.evaluate --model adapters/demo/hotlora-demo \\
+    python -m hotlora.training.evaluate --model adapters/demo/hotlora-demo \\
         --adapter reverse=adapters/demo/adapters/reverse --task hotlora_reverse_mc
 
 It reproduces what lm-evaluation-harness (`--model local-completions`) computes through the
@@ -28,9 +28,9 @@ from typing import Any
 
 import torch
 
-from server.engine import Engine, EngineConfig, SamplingParams
-from training.eval_tasks import EVAL_TASKS, EvalTask
-from training.eval_tasks.hotlora_data import read_items
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.training.eval_tasks import EVAL_TASKS, EvalTask
+from hotlora.training.eval_tasks.hotlora_data import read_items
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Write the lm_eval tasks of `training/eval_tasks/` (yaml + jsonl) deterministically.
 
-    python -m training.make_eval_tasks                # rewrite training/eval_tasks/
-    python -m training.make_eval_tasks --check        # exit 1 if the shipped files differ
-    python -m training.make_eval_tasks --out DIR      # a self-contained copy (an include path)
+    python -m hotlora.training.make_eval_tasks            # rewrite training/eval_tasks/
+    python -m hotlora.training.make_eval_tasks --check    # exit 1 if the shipped files differ
+    python -m hotlora.training.make_eval_tasks --out DIR  # a self-contained copy (an include path)
 
 Items come from the demo tasks (`adapters.demo_tasks`) with a seeded generator that no training
 run uses: a word, its prompt `in: <word>\\nout:`, the right answer, and as distractors what the
@@ -20,8 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from adapters.demo_tasks import TASKS, prompt_for
-from training.eval_tasks import EVAL_TASKS, TASK_DIR, EvalTask
+from hotlora.adapters.demo_tasks import TASKS, prompt_for
+from hotlora.training.eval_tasks import EVAL_TASKS, TASK_DIR, EvalTask
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ SEED = 2024  # training draws with seed 0 (and friends), held-out checks with 12
 CHOICE_TASKS = ("reverse", "upper", "sort", "pirate", "copy")
 DATA_MODULE = "hotlora_data.py"
 HEADER = (
-    "# Written by `python -m training.make_eval_tasks`; edit EVAL_TASKS in "
+    "# Written by `python -m hotlora.training.make_eval_tasks`; edit EVAL_TASKS in "
     "training/eval_tasks/__init__.py instead.\n"
 )
 
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.check:
         bad = stale(args.n, args.seed)
         if bad:
-            log.error("stale: %s (run python -m training.make_eval_tasks)", ", ".join(bad))
+            log.error("stale: %s (run python -m hotlora.training.make_eval_tasks)", ", ".join(bad))
             sys.exit(1)
         log.info("training/eval_tasks is up to date")
         return

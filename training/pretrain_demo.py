@@ -1,8 +1,8 @@
 """Pretrain a tiny demo base model from scratch on the copy task: a 4-layer GPT-2, or a 4-layer
 Llama-family model (GQA, untied head).
 
-    python -m training.pretrain_demo --out adapters/demo/hotlora-demo
-    python -m training.pretrain_demo --family llama --out adapters/demo/hotlora-llama-demo
+    python -m hotlora.training.pretrain_demo --out adapters/demo/hotlora-demo
+    python -m hotlora.training.pretrain_demo --family llama --out adapters/demo/hotlora-llama-demo
 
 The base learns the `in: x\\nout: x` frame; the demo adapters then teach it other answers.
 """
@@ -18,10 +18,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from adapters.demo_tasks import DEMO_CHAT_TEMPLATE, EOS, TASKS, build_tokenizer, eos_id
-from server.engine.loader import save_model
-from server.engine.models import GPT2, GPT2Config, Llama, LlamaConfig
-from training.train import accuracy, batches, fit
+from hotlora.adapters.demo_tasks import DEMO_CHAT_TEMPLATE, EOS, TASKS, build_tokenizer, eos_id
+from hotlora.server.engine.loader import save_model
+from hotlora.server.engine.models import GPT2, GPT2Config, Llama, LlamaConfig
+from hotlora.training.train import accuracy, batches, fit
 
 log = logging.getLogger(__name__)
 

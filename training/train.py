@@ -1,7 +1,8 @@
 """Train a LoRA, DEU or LoRA+DEU adapter on a frozen hotlora base model and write it.
 
-    python -m training.train --base adapters/demo/hotlora-demo --task reverse --out /tmp/reverse
-    python -m training.train --base adapters/demo/hotlora-demo --task upper --kind deu --out /tmp/u
+    python -m hotlora.training.train --base adapters/demo/hotlora-demo --task reverse --out /tmp/r
+    python -m hotlora.training.train --base adapters/demo/hotlora-demo --task upper --kind deu \
+        --out /tmp/u
 
 Training runs the same GPT-2 definition the engine serves, with a differentiable adapter hook
 in place of the batched one; held-out accuracy is measured through the real `Engine`. LoRA is
@@ -25,13 +26,13 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from adapters.adapter import Adapter, Kind, save_adapter
-from adapters.demo_tasks import TASKS, Task, eos_id, example, heldout
-from adapters.deu_format import DEUAdapter, DEUConfig
-from adapters.format import LoRAAdapter, LoRAModule
-from adapters.lora_config import LoRAConfig
-from kernels.deu import deu_activation
-from server.engine.models import CausalLM, ModelSpec
+from hotlora.adapters.adapter import Adapter, Kind, save_adapter
+from hotlora.adapters.demo_tasks import TASKS, Task, eos_id, example, heldout
+from hotlora.adapters.deu_format import DEUAdapter, DEUConfig
+from hotlora.adapters.format import LoRAAdapter, LoRAModule
+from hotlora.adapters.lora_config import LoRAConfig
+from hotlora.kernels.deu import deu_activation
+from hotlora.server.engine.models import CausalLM, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +244,7 @@ def fit(
 
 def accuracy(base_dir: Path, adapter_dir: Path | None, task: Task, n: int = 200) -> float:
     """Greedy exact-match accuracy on held-out prompts, served by the real engine."""
-    from server.engine import Engine, EngineConfig, SamplingParams
+    from hotlora.server.engine import Engine, EngineConfig, SamplingParams
 
     engine = Engine.from_pretrained(
         base_dir, EngineConfig(max_batch=64, device="cpu", dtype="float32")
@@ -288,8 +289,8 @@ def train_adapter(
     seed: int = 0,
 ) -> TrainResult:
     """Train an adapter of `kind` on `task`, write it to `out`, measure held-out accuracy."""
-    from server.engine.loader import load_model
-    from server.engine.tokenizer import load_tokenizer
+    from hotlora.server.engine.loader import load_model
+    from hotlora.server.engine.tokenizer import load_tokenizer
 
     torch.manual_seed(seed)
     model, cfg = load_model(base_dir, torch.device("cpu"), torch.float32)

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import LoRAMeta, build_lora_meta
-from server.engine.errors import EngineError
-from server.engine.kv_cache import KVCache
-from server.engine.models import AttnBatch
+from hotlora.kernels import SlotMeta, build_slot_meta
+from hotlora.server.engine.errors import EngineError
+from hotlora.server.engine.kv_cache import KVCache
+from hotlora.server.engine.models import AttnBatch
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,9 @@ class StepBatch:
     positions: Tensor  # (B, L)
     last: Tensor  # (B,) index along L of each row's last real token
     attn: AttnBatch
-    lora: LoRAMeta
-    lora_minus: LoRAMeta | None  # rows that must subtract the merged adapter's delta
-    deu: LoRAMeta  # token -> DEU slot (-1 = the frozen GELU)
+    lora: SlotMeta
+    lora_minus: SlotMeta | None  # rows that must subtract the merged adapter's delta
+    deu: SlotMeta  # token -> DEU slot (-1 = the frozen GELU)
 
     @property
     def has_adapters(self) -> bool:
@@ -89,7 +89,7 @@ def build_step(
     plus = per_token(plus_rows)
     minus = None
     if minus_rows is not None:
-        minus = build_lora_meta(per_token(minus_rows), device, row_widths)
+        minus = build_slot_meta(per_token(minus_rows), device, row_widths)
     attn = AttnBatch(
         k_cache=kv.k,
         v_cache=kv.v,
@@ -105,7 +105,7 @@ def build_step(
         positions=positions.to(device),
         last=torch.tensor([n - 1 for n in lengths], device=device),
         attn=attn,
-        lora=build_lora_meta(plus, device, row_widths),
+        lora=build_slot_meta(plus, device, row_widths),
         lora_minus=minus,
-        deu=build_lora_meta(per_token(deu_slots), device),
+        deu=build_slot_meta(per_token(deu_slots), device),
     )

@@ -21,9 +21,9 @@ from typing import Any
 import jinja2
 from jinja2.exceptions import SecurityError
 
-from server.engine.chat_sandbox import TemplateRaised, deadline, environment
-from server.engine.errors import ModelLoadError, RequestError
-from server.engine.tokenizer import json_object
+from hotlora.server.engine.chat_sandbox import TemplateRaised, deadline, environment
+from hotlora.server.engine.errors import ModelLoadError, RequestError
+from hotlora.server.engine.tokenizer import json_object
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,12 @@ SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token
                   "mask_token")  # transformers' SPECIAL_TOKENS_ATTRIBUTES
 MAX_OUTPUT_CHARS = 1 << 24
 RENDER_TIMEOUT_S = 5.0
+_FIX = "fix the file or pass a working one with --chat-template FILE"
+
+
+class ChatTemplateError(ModelLoadError):
+    """A chat template file cannot be read or does not compile (the message names the file);
+    a ModelLoadError, since a model's own template is part of the model."""
 
 
 def _plain(value: Any) -> Any:
@@ -123,8 +129,13 @@ def special_tokens(model_dir: Path) -> dict[str, str]:
 def _read(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: cannot read the chat template ({e})") from e
+    except OSError as e:
+        reason = e.strerror or str(e)  # strerror: without the path, named already
+        raise ChatTemplateError(f"{path}: cannot read the chat template ({reason}); {_FIX}") from e
+    except UnicodeDecodeError as e:
+        raise ChatTemplateError(
+            f"{path}: cannot read the chat template (not UTF-8: {e}); {_FIX}"
+        ) from e
 
 
 def _find(model_dir: Path) -> tuple[str, str] | None:
@@ -168,7 +179,14 @@ class ChatTemplate:
             self._template = environment().from_string(template)
         except Exception as e:  # a syntax error, or e.g. RecursionError from absurd nesting
             line = f" (line {e.lineno})" if isinstance(e, jinja2.TemplateSyntaxError) else ""
-            raise ModelLoadError(f"{source}: the chat template does not compile: {e}{line}") from e
+            raise ChatTemplateError(
+                f"{source}: the chat template does not compile: {e}{line}; {_FIX}"
+            ) from e
+
+    @classmethod
+    def from_file(cls, path: Path, tokens: Mapping[str, str] | None = None) -> ChatTemplate:
+        """A template file, read and compiled (ChatTemplateError when it cannot be)."""
+        return cls(_read(path), str(path), tokens)
 
     @classmethod
     def load(cls, model_dir: Path, override: Path | None = None) -> ChatTemplate | None:

@@ -19,10 +19,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters.store import AdapterVersion
-from server.engine.core import (
+from hotlora.adapters.store import AdapterVersion
+from hotlora.server.engine.core import (
     Abort,
     AddRequest,
+    Ask,
     Command,
     CoreConfig,
     DropCached,
@@ -36,11 +37,11 @@ from server.engine.core import (
     ThreadTransport,
     run_core_process,
 )
-from server.engine.inputs import InputProcessor
-from server.engine.outputs import StepOutput
-from server.engine.sampling import SamplingParams
-from server.engine.tokenizer import Detokenizer
-from server.metrics import Metrics
+from hotlora.server.engine.inputs import InputProcessor
+from hotlora.server.engine.outputs import StepOutput
+from hotlora.server.engine.sampling import SamplingParams
+from hotlora.server.engine.tokenizer import Detokenizer
+from hotlora.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 _START_TIMEOUT_S = 600.0  # loading a large model from a slow disk
@@ -250,7 +251,7 @@ class EngineClient:
         if not self.running:
             return
         self._send(Retire(name, keep))
-        await self._query("ready")  # commands run in order: this answer follows the retire
+        await self._query(Ask.BARRIER)  # commands run in order: this answer follows the retire
 
     def drop_cached(self, key: str) -> None:
         self._send_quietly(DropCached(key))
@@ -259,17 +260,17 @@ class EngineClient:
         """The name@version keys in device slots."""
         if not self.running:
             return []
-        keys: list[str] = await self._query("resident")
+        keys: list[str] = await self._query(Ask.RESIDENT)
         return keys
 
     async def core_metrics(self) -> bytes:
         """The core's metrics in Prometheus text (empty when it is not running)."""
         if not self.running:
             return b""
-        text: bytes = await self._query("metrics")
+        text: bytes = await self._query(Ask.METRICS)
         return text
 
-    async def _query(self, what: str) -> Any:
+    async def _query(self, what: Ask) -> Any:
         if not self.running:
             raise EngineUnavailable("the engine is not running")
         reply_id = next(self._reply_ids)

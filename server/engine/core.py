@@ -8,6 +8,7 @@ it has a core and a GIL of its own. Outputs carry token ids, not text: the API d
 
 from __future__ import annotations
 
+import enum
 import logging
 import multiprocessing.connection as mpc
 import queue
@@ -19,15 +20,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from adapters.adapter import Adapter, load_adapter
-from adapters.cache import ByteLRU
-from adapters.store import AdapterVersion
-from server.engine.config import EngineConfig
-from server.engine.engine import Engine
-from server.engine.fairness import TenantRows
-from server.engine.outputs import StepOutput
-from server.engine.sampling import SamplingParams
-from server.metrics import CoreMetrics
+from hotlora.adapters.adapter import Adapter, load_adapter
+from hotlora.adapters.cache import ByteLRU
+from hotlora.adapters.store import AdapterVersion
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.engine import Engine
+from hotlora.server.engine.fairness import TenantRows
+from hotlora.server.engine.outputs import StepOutput
+from hotlora.server.engine.sampling import SamplingParams
+from hotlora.server.metrics import CoreMetrics
 
 log = logging.getLogger(__name__)
 _GAUGE_PERIOD_S = 0.1  # gauges are refreshed at most this often (and before every render)
@@ -63,12 +64,20 @@ class DropCached:
     key: str
 
 
+class Ask(enum.Enum):
+    """What a Query asks; the Reply's value for each is in the comment."""
+
+    METRICS = "metrics"  # the core's metrics in Prometheus text (bytes)
+    RESIDENT = "resident"  # the name@version keys in device slots (list[str])
+    BARRIER = "barrier"  # True, once every command sent before it has run
+
+
 @dataclass(frozen=True)
 class Query:
-    """Answered with a Reply: "metrics" (bytes), "resident" (list of keys), "ready" (True)."""
+    """Answered with a Reply carrying the value `what` names."""
 
     reply_id: int
-    what: str
+    what: Ask
 
 
 @dataclass(frozen=True)
@@ -185,6 +194,8 @@ class EngineCore:
             self._out.append(Reply(cmd.reply_id, self._answer(cmd.what)))
         elif isinstance(cmd, Shutdown):
             self.stopped = True
+        else:  # a message this core does not know is a bug on the sending side, never ignored
+            raise TypeError(f"unknown engine command: {cmd!r}")
 
     def tick(self) -> None:
         """One iteration between commands: admit, merge policy, one step, gauges."""
@@ -201,13 +212,15 @@ class EngineCore:
             self._gauges_at = now
             self._update_gauges()
 
-    def _answer(self, what: str) -> object:
-        if what == "metrics":
+    def _answer(self, what: Ask) -> object:
+        if what is Ask.METRICS:
             self._update_gauges()
             return self.metrics.render()
-        if what == "resident":
+        if what is Ask.RESIDENT:
             return self.engine.adapters
-        return True  # "ready"
+        if what is Ask.BARRIER:
+            return True
+        raise TypeError(f"unknown engine query: {what!r}")
 
     def retire(self, name: str, keep: str | None = None) -> None:
         for key in list(self.engine.adapters):

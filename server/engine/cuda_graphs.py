@@ -4,7 +4,7 @@ A decode step of a small model on a GPU costs more in kernel launches (~20 a lay
 each) than in arithmetic; a graph launches a whole step at once. A graph replays fixed
 addresses and shapes, so every bucket reads one static int64 block that each step is copied
 into with one host->device copy, and everything the step derives from it is built from device
-ops inside the graph: the per-token adapter metas (kernels.lora.per_token_meta), the KV-cache
+ops inside the graph: the per-token adapter metas (kernels.per_token_meta), the KV-cache
 write index, and attention that reads the cache by row and length (kernels.decode_attention).
 A batch smaller than its bucket is padded with rows that write the KV cache's scratch row and
 whose logits are dropped.
@@ -23,13 +23,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from kernels import build_lora_meta
-from kernels.lora import LoRAMeta, per_token_meta
-from server.engine.errors import EngineError
-from server.engine.hook import BatchAdapters
-from server.engine.kv_cache import KVCache
-from server.engine.models import AttnBatch, CausalLM
-from server.engine.residents import Residents
+from hotlora.kernels import SlotMeta, build_slot_meta, per_token_meta
+from hotlora.server.engine.errors import EngineError
+from hotlora.server.engine.hook import BatchAdapters
+from hotlora.server.engine.kv_cache import KVCache
+from hotlora.server.engine.models import AttnBatch, CausalLM
+from hotlora.server.engine.residents import Residents
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ class DecodeGraphs:
         # Marks the staging copy's end: the host buffer is not rewritten before it.
         self._copied = torch.cuda.Event() if device.type == "cuda" else None
         self._heads = torch.arange(kv.k.shape[2], device=device)  # (H_kv,)
-        self._no_lora = build_lora_meta([], device)  # built here: capture copies nothing in
+        self._no_lora = build_slot_meta([], device)  # built here: capture copies nothing in
         self.captures = self.replays = 0
 
     def bucket(self, batch: int) -> int | None:
@@ -232,7 +231,7 @@ class DecodeGraphs:
         plus, minus, deu = variant
         n_lora, n_deu = r.lora.max_slots, r.deu.bank.shape[2]
 
-        def meta(on: bool, row: int, n: int) -> LoRAMeta:
+        def meta(on: bool, row: int, n: int) -> SlotMeta:
             return per_token_meta(block[row], n) if on else self._no_lora
 
         return BatchAdapters(

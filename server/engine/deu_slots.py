@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adapters.deu_format import DEUAdapter
-from kernels.deu import N_PLANES, deu_planes
-from server.engine.models import ModelSpec
+from hotlora.adapters.deu_format import DEUAdapter
+from hotlora.kernels.deu import N_PLANES, deu_planes
+from hotlora.server.engine.models import ModelSpec
 
 
 class DEUSlots:

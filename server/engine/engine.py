@@ -16,21 +16,21 @@ from pathlib import Path
 
 import torch
 
-from adapters.adapter import Adapter, load_adapter
-from server.engine.batch import StepBatch, build_step, lora_rows
-from server.engine.config import EngineConfig
-from server.engine.cuda_graphs import Capture, DecodeGraphs, cuda_capture
-from server.engine.errors import EngineError, RequestError
-from server.engine.hook import BatchAdapters
-from server.engine.inputs import InputProcessor
-from server.engine.kv_cache import KVCache
-from server.engine.loader import load_model
-from server.engine.logprobs import prompt_logprobs, token_logprobs
-from server.engine.models import CausalLM
-from server.engine.outputs import GenerationOutput, StepOutput, TokenLogprob
-from server.engine.residents import Resident, Residents
-from server.engine.sampling import RowHistory, SamplingParams, make_generator, sample
-from server.engine.tokenizer import Detokenizer, TextTokenizer, load_tokenizer
+from hotlora.adapters.adapter import Adapter, load_adapter
+from hotlora.server.engine.batch import StepBatch, build_step, lora_rows
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.cuda_graphs import Capture, DecodeGraphs, cuda_capture
+from hotlora.server.engine.errors import EngineError, RequestError
+from hotlora.server.engine.hook import BatchAdapters
+from hotlora.server.engine.inputs import InputProcessor
+from hotlora.server.engine.kv_cache import KVCache
+from hotlora.server.engine.loader import load_model
+from hotlora.server.engine.logprobs import prompt_logprobs, token_logprobs
+from hotlora.server.engine.models import CausalLM
+from hotlora.server.engine.outputs import GenerationOutput, StepOutput, TokenLogprob
+from hotlora.server.engine.residents import Resident, Residents
+from hotlora.server.engine.sampling import RowHistory, SamplingParams, make_generator, sample
+from hotlora.server.engine.tokenizer import Detokenizer, TextTokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 

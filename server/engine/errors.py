@@ -10,4 +10,12 @@ class ModelLoadError(EngineError):
 
 
 class RequestError(EngineError, ValueError):
-    """A generation request is invalid (unknown adapter, prompt too long, bad sampling params)."""
+    """A generation request is invalid (unknown adapter, prompt too long, bad sampling params).
+
+    `param` names the request field to fix (OpenAI's error `param`), set where the error is
+    raised; None leaves the choice to the caller (the prompt or messages, say).
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

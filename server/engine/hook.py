@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from kernels import LoRAMeta, lora_apply
-from kernels.deu import deu_apply
-from server.engine.deu_slots import DEUSlots
-from server.engine.lora_slots import LoRASlots
+from hotlora.kernels import SlotMeta, lora_apply
+from hotlora.kernels.deu import deu_apply
+from hotlora.server.engine.deu_slots import DEUSlots
+from hotlora.server.engine.lora_slots import LoRASlots
 
 
 class BatchAdapters:
@@ -21,9 +21,9 @@ class BatchAdapters:
         self,
         slots: LoRASlots,
         deu_slots: DEUSlots,
-        lora: LoRAMeta,
-        minus: LoRAMeta | None,
-        deu: LoRAMeta,
+        lora: SlotMeta,
+        minus: SlotMeta | None,
+        deu: SlotMeta,
     ) -> None:
         self.slots, self.deu_slots = slots, deu_slots
         self.meta, self.minus, self.deu = lora, minus, deu

@@ -7,13 +7,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from adapters.format import BaseShapes
-from server.engine.config import DEFAULT_MAX_SEQ_LEN, EngineConfig
-from server.engine.errors import ModelLoadError, RequestError
-from server.engine.loader import read_config
-from server.engine.models import ModelSpec
-from server.engine.sampling import SamplingParams
-from server.engine.tokenizer import TextTokenizer, load_tokenizer
+from hotlora.adapters.format import BaseShapes
+from hotlora.server.engine.config import DEFAULT_MAX_SEQ_LEN, EngineConfig
+from hotlora.server.engine.errors import ModelLoadError, RequestError
+from hotlora.server.engine.loader import read_config
+from hotlora.server.engine.models import ModelSpec
+from hotlora.server.engine.sampling import SamplingParams
+from hotlora.server.engine.tokenizer import TextTokenizer, load_tokenizer
 
 
 class InputProcessor:
@@ -67,11 +67,13 @@ class InputProcessor:
             bad = [t for t in named if t >= self.vocab_size]
             if bad:
                 raise RequestError(
-                    f"{name}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})"
+                    f"{name}: token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})",
+                    name,
                 )
         if len(ids) + params.max_tokens > self.max_seq_len:
             raise RequestError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                f"context of {self.max_seq_len} tokens; lower max_tokens"
+                f"context of {self.max_seq_len} tokens; lower max_tokens",
+                "max_tokens",
             )
         return ids

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.errors import EngineError
-from server.engine.models import ModelSpec
+from hotlora.server.engine.errors import EngineError
+from hotlora.server.engine.models import ModelSpec
 
 
 class KVCache:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from server.engine.outputs import TokenLogprob
+from hotlora.server.engine.outputs import TokenLogprob
 
 _CHUNK = 256  # prompt positions scored at a time: bounds the (n, V) float32 buffer
 

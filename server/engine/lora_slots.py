@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adapters.format import LoRAAdapter
-from server.engine.models import ModelSpec
+from hotlora.adapters.format import LoRAAdapter
+from hotlora.server.engine.models import ModelSpec
 
 
 class LoRASlots:

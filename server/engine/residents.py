@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters.adapter import Adapter
-from server.engine.config import EngineConfig
-from server.engine.deu_slots import DEUSlots
-from server.engine.errors import EngineError
-from server.engine.lora_slots import LoRASlots
-from server.engine.models import CausalLM
+from hotlora.adapters.adapter import Adapter
+from hotlora.server.engine.config import EngineConfig
+from hotlora.server.engine.deu_slots import DEUSlots
+from hotlora.server.engine.errors import EngineError
+from hotlora.server.engine.lora_slots import LoRASlots
+from hotlora.server.engine.models import CausalLM
 
 log = logging.getLogger(__name__)
 

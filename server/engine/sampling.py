@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from server.engine.errors import RequestError
+from hotlora.server.engine.errors import RequestError
 
 MAX_LOGPROBS = 20  # as OpenAI: at most 20 alternatives per position
 _GREEDY_BELOW = 1e-5  # as vLLM: a smaller temperature is greedy (dividing by it overflows)
@@ -54,33 +54,40 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", pairs)
         _check_int("max_tokens", self.max_tokens, 0)
         if not self.temperature >= 0 or math.isinf(self.temperature):
-            raise RequestError(f"temperature must be >= 0, got {self.temperature!r}")
+            raise RequestError(
+                f"temperature must be >= 0, got {self.temperature!r}", "temperature"
+            )
         _check_int("top_k", self.top_k, 0, note=" (0 = off)")
         if not 0 < self.top_p <= 1:
-            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p!r}", "top_p")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise RequestError("stop must be a list of non-empty strings")
+            raise RequestError("stop must be a list of non-empty strings", "stop")
         _check_int("min_tokens", self.min_tokens, 0)
         if self.min_tokens > self.max_tokens:
             raise RequestError(
-                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
+                "min_tokens",
             )
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if not -2 <= value <= 2:
-                raise RequestError(f"{name} must be in [-2, 2], got {value!r}")
+                raise RequestError(f"{name} must be in [-2, 2], got {value!r}", name)
         if not 0 < self.repetition_penalty <= 100 or math.isinf(self.repetition_penalty):
             raise RequestError(
-                f"repetition_penalty must be in (0, 100] (1 = off), got {self.repetition_penalty!r}"
+                "repetition_penalty must be in (0, 100] (1 = off), "
+                f"got {self.repetition_penalty!r}",
+                "repetition_penalty",
             )
         for pair in self.logit_bias:
             if len(pair) != 2:
-                raise RequestError("logit_bias must map token ids to biases")
-            _check_int("logit_bias token id", pair[0], 0)
+                raise RequestError("logit_bias must map token ids to biases", "logit_bias")
+            _check_int("logit_bias token id", pair[0], 0, param="logit_bias")
             if not -100 <= pair[1] <= 100:
-                raise RequestError(f"logit_bias values must be in [-100, 100], got {pair[1]!r}")
+                raise RequestError(
+                    f"logit_bias values must be in [-100, 100], got {pair[1]!r}", "logit_bias"
+                )
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
             if value is not None:
@@ -102,7 +109,14 @@ class SamplingParams:
         )
 
 
-def _check_int(name: str, value: object, lo: int, hi: int | None = None, note: str = "") -> None:
+def _check_int(
+    name: str,
+    value: object,
+    lo: int,
+    hi: int | None = None,
+    note: str = "",
+    param: str | None = None,
+) -> None:
     if (
         not isinstance(value, int)
         or isinstance(value, bool)
@@ -110,7 +124,7 @@ def _check_int(name: str, value: object, lo: int, hi: int | None = None, note: s
         or (hi is not None and value > hi)
     ):
         where = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-        raise RequestError(f"{name} must be an integer {where}{note}, got {value!r}")
+        raise RequestError(f"{name} must be an integer {where}{note}, got {value!r}", param or name)
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

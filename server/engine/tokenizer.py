@@ -18,15 +18,19 @@ does that tokenizer.json alone would not:
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Tokenizer
 
-from server.engine.errors import ModelLoadError, RequestError
+from hotlora.server.engine.errors import ModelLoadError, RequestError
 
 _FFFD = "\ufffd"  # what decoders emit for an incomplete (or invalid) UTF-8 sequence
+# The pieces tokenizers' ByteFallback decoder turns into raw bytes (its own test: "<0x" + two hex
+# digits + ">").
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 # Model types transformers gives its generic TokenizersBackend (tokenizer.json as is) even when
 # tokenizer_config.json names LlamaTokenizer (without mistral_common installed).
 _AS_IS_MODEL_TYPES = frozenset({"mistral", "mixtral"})
@@ -43,15 +47,23 @@ _NAMED_SPECIALS = (
 
 
 class TextTokenizer:
-    """A `tokenizers.Tokenizer` (`.raw`) plus the model directory's BOS and EOS ids."""
+    """A `tokenizers.Tokenizer` (`.raw`) plus the model directory's BOS and EOS ids.
+
+    `byte_ids`: the ids a ByteFallback decoder turns into raw bytes (empty without one; found
+    from the tokenizer's own JSON when not given).
+    """
 
     def __init__(
         self,
         raw: Tokenizer,
         bos_token_id: int | None = None,
         eos_token_ids: frozenset[int] = frozenset(),
+        byte_ids: frozenset[int] | None = None,
     ) -> None:
         self.raw = raw
+        if byte_ids is None:
+            byte_ids = byte_fallback_ids(raw, raw.to_str())
+        self.byte_ids = byte_ids
         self.vocab_size: int = raw.get_vocab_size(with_added_tokens=True)
         self.bos_token_id = bos_token_id
         self.eos_token_ids = eos_token_ids
@@ -123,7 +135,15 @@ def load_tokenizer(model_dir: Path) -> TextTokenizer:
     bos = _token_str(tok_cfg.get("bos_token"), "bos_token", model_dir / "tokenizer_config.json")
     bos_id = None if bos is None else raw.token_to_id(bos)
     eos_ids = _eos_token_ids(model_dir, config, tok_cfg, raw)
-    return TextTokenizer(raw, bos_id, eos_ids)
+    return TextTokenizer(raw, bos_id, eos_ids, byte_fallback_ids(raw, text))
+
+
+def byte_fallback_ids(raw: Tokenizer, spec: str) -> frozenset[int]:
+    """The ids of `raw`'s byte pieces ("<0x41>") when its decoder (in `spec`, the tokenizer's
+    JSON) has a ByteFallback step, else none: elsewhere such a piece is ordinary text."""
+    if '"ByteFallback"' not in spec:
+        return frozenset()
+    return frozenset(i for t, i in raw.get_vocab().items() if _BYTE_PIECE.fullmatch(t))
 
 
 def json_object(path: Path) -> dict[str, Any]:
@@ -248,8 +268,10 @@ class Detokenizer:
     Metaspace decoders strip a leading space from the first token decoded, and the chunk takes
     that strip. Chunks end where the text did not end in U+FFFD, i.e. at character boundaries,
     where decoding is additive. Special tokens (which decode skips) are dropped first, so a chunk
-    always has text. (One exception: ByteFallback turns a whole *invalid* byte run into U+FFFDs,
-    characters already emitted included; those stay emitted as they were.)
+    always has text. A ByteFallback decoder decodes a whole run of byte pieces at once, and one
+    more byte that makes the run invalid UTF-8 turns *every* byte of it into U+FFFD, characters
+    that were complete included: so a chunk never ends inside such a run (on a byte piece), and
+    the run's text is emitted once a non-byte token (or `final`) closes it.
     """
 
     def __init__(self, tokenizer: TextTokenizer | Tokenizer, stop: tuple[str, ...]) -> None:
@@ -284,7 +306,8 @@ class Detokenizer:
         if self._read < len(self._ids):
             head = tok.decode(self._ids[self._prefix : self._read])
             tail = tok.decode(self._ids[self._prefix :])[len(head) :]
-            if final or not tail.endswith(_FFFD):
+            closed = self._ids[-1] not in tok.byte_ids  # a byte run may still turn invalid
+            if final or (closed and not tail.endswith(_FFFD)):
                 text += tail
                 self._prefix, self._read = self._read, len(self._ids)
         # A stop string cannot begin before `text`: every possible beginning was held back.

@@ -11,29 +11,29 @@ from fastapi import APIRouter, File, Form, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 
-from adapters.errors import AdapterError
-from adapters.store import (
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.store import (
     AdapterTooLarge,
     AdapterVersion,
     Quota,
     QuotaExceeded,
     check_qualified,
 )
-from server.access_log import audit
-from server.deps import PrincipalDep, StateDep, WriterDep
-from server.errors import APIError
-from server.namespaces import delete_target, namespaces, resolve, shown_name, write_target
-from server.request_record import record_of
-from server.routes.listing import After, Limit, full_listings, json_response, quote, render
-from server.schemas import (
+from hotlora.server.access_log import audit
+from hotlora.server.deps import PrincipalDep, StateDep, WriterDep
+from hotlora.server.errors import APIError
+from hotlora.server.namespaces import delete_target, namespaces, resolve, shown_name, write_target
+from hotlora.server.request_record import record_of
+from hotlora.server.routes.listing import After, Limit, full_listings, json_response, quote, render
+from hotlora.server.schemas import (
     AdapterDetail,
     AdapterInfo,
     AdapterList,
     LoadLoraRequest,
     UnloadLoraRequest,
 )
-from server.state import AppState
-from server.tenants import Principal
+from hotlora.server.state import AppState
+from hotlora.server.tenants import Principal
 
 router = APIRouter()
 # Files load_lora_adapter may read from a directory; each must stay inside the allowed roots.

@@ -6,14 +6,14 @@ from __future__ import annotations
 from fastapi import Request
 from fastapi.responses import Response
 
-from adapters.store import AdapterVersion
-from server.engine import SamplingParams
-from server.errors import APIError
-from server.rate_limit import Lease, RateLimited, TooLarge
-from server.request_record import record_of
-from server.routes.generation import Row, submit
-from server.state import AppState
-from server.tenants import Principal
+from hotlora.adapters.store import AdapterVersion
+from hotlora.server.engine import SamplingParams
+from hotlora.server.errors import APIError
+from hotlora.server.rate_limit import Lease, RateLimited, TooLarge
+from hotlora.server.request_record import record_of
+from hotlora.server.routes.generation import Row, submit
+from hotlora.server.state import AppState
+from hotlora.server.tenants import Principal
 
 
 def start(

@@ -9,10 +9,10 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.deps import PrincipalDep, StateDep
-from server.engine import RequestError, StepOutput
-from server.errors import APIError
-from server.openai_schemas import (
+from hotlora.server.deps import PrincipalDep, StateDep
+from hotlora.server.engine import RequestError, StepOutput
+from hotlora.server.errors import APIError
+from hotlora.server.openai_schemas import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
@@ -22,11 +22,11 @@ from server.openai_schemas import (
     ChatDelta,
     Usage,
 )
-from server.routes.admission import start, with_limits
-from server.routes.generation import Row, collect, prepare, stream_response, usage
-from server.routes.logprob_format import chat_logprobs
-from server.routes.templating import render_chat
-from server.state import AppState
+from hotlora.server.routes.admission import start, with_limits
+from hotlora.server.routes.generation import Row, collect, prepare, stream_response, usage
+from hotlora.server.routes.logprob_format import chat_logprobs
+from hotlora.server.routes.templating import render_chat
+from hotlora.server.state import AppState
 
 router = APIRouter()
 

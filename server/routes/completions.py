@@ -11,18 +11,18 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.deps import PrincipalDep, StateDep
-from server.engine import StepOutput
-from server.errors import APIError
-from server.openai_schemas import (
+from hotlora.server.deps import PrincipalDep, StateDep
+from hotlora.server.engine import StepOutput
+from hotlora.server.errors import APIError
+from hotlora.server.openai_schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     Usage,
 )
-from server.routes.admission import start, with_limits
-from server.routes.generation import (
+from hotlora.server.routes.admission import start, with_limits
+from hotlora.server.routes.generation import (
     Result,
     Row,
     collect,
@@ -30,8 +30,8 @@ from server.routes.generation import (
     stream_response,
     usage,
 )
-from server.routes.logprob_format import CompletionLogprobsBuilder
-from server.state import AppState
+from hotlora.server.routes.logprob_format import CompletionLogprobsBuilder
+from hotlora.server.state import AppState
 
 router = APIRouter()
 

@@ -13,21 +13,14 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from adapters.store import AdapterVersion
-from server.engine import RequestError, SamplingParams, StepOutput
-from server.engine.client import AdapterGone, EngineUnavailable, QueueFull, Stream
-from server.engine.outputs import TokenLogprob
-from server.errors import APIError, error_body
-from server.openai_schemas import SamplingFields, Usage
-from server.request_record import record_of
-from server.state import AppState
-
-# SamplingParams' messages start with the parameter's name.
-_PARAMS = (
-    "max_tokens", "min_tokens", "temperature", "top_k", "top_p", "stop_token_ids", "stop",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "logprobs",
-    "prompt_logprobs",
-)  # fmt: skip
+from hotlora.adapters.store import AdapterVersion
+from hotlora.server.engine import RequestError, SamplingParams, StepOutput
+from hotlora.server.engine.client import AdapterGone, EngineUnavailable, QueueFull, Stream
+from hotlora.server.engine.outputs import TokenLogprob
+from hotlora.server.errors import APIError, error_body
+from hotlora.server.openai_schemas import SamplingFields, Usage
+from hotlora.server.request_record import record_of
+from hotlora.server.state import AppState
 
 
 def sampling_params(
@@ -57,11 +50,7 @@ def sampling_params(
             prompt_logprobs=prompt_logprobs,
         )
     except RequestError as e:
-        raise APIError(400, str(e), _param(str(e))) from e
-
-
-def _param(message: str, default: str | None = None) -> str | None:
-    return next((p for p in _PARAMS if message.startswith(p)), default)
+        raise APIError(400, str(e), e.param) from e
 
 
 def prepare(
@@ -83,9 +72,7 @@ def prepare(
     try:
         ids = state.inputs.check_request(prompt, params)
     except RequestError as e:
-        msg = str(e)
-        param = "max_tokens" if "+ max_tokens" in msg else _param(msg, field)
-        raise APIError(400, msg, param) from e
+        raise APIError(400, str(e), e.param or field) from e
     if max_tokens is None:
         params = replace(params, max_tokens=state.inputs.max_seq_len - len(ids))
     return ids, params

@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.deps import StateDep
-from server.errors import APIError
-from server.lifecycle import lifecycle_of
+from hotlora.server.deps import StateDep
+from hotlora.server.errors import APIError
+from hotlora.server.lifecycle import lifecycle_of
 
 router = APIRouter()
 

@@ -23,7 +23,7 @@ from typing import Annotated
 from fastapi import Query
 from fastapi.responses import Response
 
-from adapters.store import AdapterStore
+from hotlora.adapters.store import AdapterStore
 
 MAX_LIMIT = 10_000
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from server.engine.outputs import TokenLogprob
-from server.engine.tokenizer import TextTokenizer
-from server.openai_schemas import ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob
+from hotlora.server.engine.outputs import TokenLogprob
+from hotlora.server.engine.tokenizer import TextTokenizer
+from hotlora.server.openai_schemas import (
+    ChatLogprobs,
+    ChatTokenLogprob,
+    CompletionLogprobs,
+    TopLogprob,
+)
 
 
 def token_text(tok: TextTokenizer, token_id: int) -> str:

@@ -6,13 +6,13 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from server.deps import PrincipalDep, StateDep
-from server.namespaces import namespaces, shown_name
-from server.routes.adapters import visible_page
-from server.routes.listing import After, Limit, full_listings, json_response, quote, render
-from server.schemas import ModelList
-from server.state import AppState
-from server.tenants import Principal
+from hotlora.server.deps import PrincipalDep, StateDep
+from hotlora.server.namespaces import namespaces, shown_name
+from hotlora.server.routes.adapters import visible_page
+from hotlora.server.routes.listing import After, Limit, full_listings, json_response, quote, render
+from hotlora.server.schemas import ModelList
+from hotlora.server.state import AppState
+from hotlora.server.tenants import Principal
 
 router = APIRouter()
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
-from server.engine import RequestError
-from server.errors import APIError
-from server.openai_schemas import ChatMessage
-from server.state import AppState
+from hotlora.server.engine import RequestError
+from hotlora.server.errors import APIError
+from hotlora.server.openai_schemas import ChatMessage
+from hotlora.server.state import AppState
 
 
 async def render_chat(state: AppState, messages: list[ChatMessage], generation_prompt: bool) -> str:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from server.deps import PrincipalDep, StateDep, authenticate
-from server.engine import RequestError
-from server.errors import APIError
-from server.routes.templating import render_chat
-from server.schemas import (
+from hotlora.server.deps import PrincipalDep, StateDep, authenticate
+from hotlora.server.engine import RequestError
+from hotlora.server.errors import APIError
+from hotlora.server.routes.templating import render_chat
+from hotlora.server.schemas import (
     DetokenizeRequest,
     DetokenizeResponse,
     TokenizeRequest,

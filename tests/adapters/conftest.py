@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from adapters.format import BaseShapes
-from adapters.lora_config import TARGETS
+from hotlora.adapters.format import BaseShapes
+from hotlora.adapters.lora_config import TARGETS
 
 N_LAYER, N_EMBD = 3, 32
 BASE = BaseShapes.gpt2(N_LAYER, N_EMBD)

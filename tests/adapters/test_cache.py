@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from adapters.cache import ByteLRU
+from hotlora.adapters.cache import ByteLRU
 
 
 def test_put_get_and_counters() -> None:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.adapter import Adapter, load_adapter, save_adapter
-from adapters.errors import AdapterError
-from adapters.format import CONFIG_NAME, WEIGHTS_NAME, BaseShapes
+from hotlora.adapters.adapter import Adapter, load_adapter, save_adapter
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, BaseShapes
 from tests.helpers import make_hf_model, make_peft_adapter, random_deu, save_deu
 
 N_LAYER, N_EMBD = 2, 16

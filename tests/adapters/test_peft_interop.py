@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from adapters.format import LoRAAdapter, load_lora_adapter, save_lora_adapter
-from adapters.lora_config import TARGETS
+from hotlora.adapters.format import LoRAAdapter, load_lora_adapter, save_lora_adapter
+from hotlora.adapters.lora_config import TARGETS
 from tests.adapters.conftest import BASE, peft_adapter, peft_lora_modules, tiny_gpt2
 
 # peft LoraConfig kwargs; each must be matched module-for-module, tensor-for-tensor.
@@ -210,7 +210,7 @@ def test_variants_with_plain_inference_math_load(variant: str, tmp_path: Path) -
 
 def test_from_dict_accepts_programmatic_config() -> None:
     """The form the trainer builds: dotted target names, alpha as float."""
-    from adapters.lora_config import LoRAConfig
+    from hotlora.adapters.lora_config import LoRAConfig
 
     cfg = LoRAConfig.from_dict({"peft_type": "LORA", "r": 4, "lora_alpha": 6.0,
                                 "target_modules": list(TARGETS)}, adapter="t")
@@ -230,7 +230,7 @@ def test_from_dict_accepts_programmatic_config() -> None:
 def test_peft_made_unsupported_adapters_refused(
     kwargs: dict[str, Any], field: str, tmp_path: Path
 ) -> None:
-    from adapters.errors import AdapterError
+    from hotlora.adapters.errors import AdapterError
 
     peft_adapter(tmp_path, seed=3, target_modules=["c_attn"], **kwargs)
     with pytest.raises(AdapterError, match=field) as info:

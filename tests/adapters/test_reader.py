@@ -14,8 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from adapters.errors import AdapterError
-from adapters.format import WEIGHTS_NAME, load_lora_adapter, read_header, read_tensors
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.format import WEIGHTS_NAME, load_lora_adapter, read_header, read_tensors
 from tests.adapters.conftest import BASE, valid_config, valid_tensors
 
 DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

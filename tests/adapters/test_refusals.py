@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.errors import AdapterError
-from adapters.format import load_lora_adapter
-from adapters.lora_config import LoRAConfig
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.format import load_lora_adapter
+from hotlora.adapters.lora_config import LoRAConfig
 from tests.adapters.conftest import BASE, valid_config, valid_tensors, write_adapter
 
 DELETE = object()
@@ -332,7 +332,7 @@ def test_adapter_error_is_a_value_error_and_pickles() -> None:
 def _adapter_with(src: Path, **changes: Any) -> Any:
     import dataclasses
 
-    from adapters.format import LoRAAdapter
+    from hotlora.adapters.format import LoRAAdapter
 
     adapter = load_lora_adapter(src, name=NAME, base=BASE, max_rank=8)
     first = dataclasses.replace(adapter.modules[0], **changes)
@@ -347,7 +347,7 @@ def _adapter_with(src: Path, **changes: Any) -> Any:
 def test_save_refuses_what_would_not_load_back(
     valid_dir: Path, tmp_path: Path, changes: dict[str, Any], field: str, match: str
 ) -> None:
-    from adapters.format import save_lora_adapter
+    from hotlora.adapters.format import save_lora_adapter
 
     with pytest.raises(AdapterError, match=match) as info:
         save_lora_adapter(tmp_path / "out", _adapter_with(valid_dir, **changes))
@@ -359,7 +359,7 @@ def test_save_leaves_readable_files_and_no_temporaries(valid_dir: Path, tmp_path
     import os
     import stat
 
-    from adapters.format import save_lora_adapter
+    from hotlora.adapters.format import save_lora_adapter
 
     adapter = load_lora_adapter(valid_dir, name=NAME, base=BASE, max_rank=8)
     save_lora_adapter(tmp_path / "a" / "b", adapter)

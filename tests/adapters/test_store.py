@@ -15,9 +15,21 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from adapters.errors import AdapterError
-from adapters.format import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME, BaseShapes, load_lora_adapter
-from adapters.store import META_NAME, AdapterStore, AdapterTooLarge, AdapterVersion, check_name
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.format import (
+    CONFIG_NAME,
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    BaseShapes,
+    load_lora_adapter,
+)
+from hotlora.adapters.store import (
+    META_NAME,
+    AdapterStore,
+    AdapterTooLarge,
+    AdapterVersion,
+    check_name,
+)
 from tests.adapters.conftest import BASE, N_LAYER, peft_adapter, valid_config, valid_tensors
 
 DEMO = Path(__file__).resolve().parents[2] / "adapters" / "demo" / "adapters"
@@ -330,7 +342,7 @@ def test_concurrent_puts_get_distinct_versions(store: AdapterStore) -> None:
 
 def test_a_store_is_bound_to_one_base(tmp_path: Path) -> None:
     """base.json records the base; opening the store for another one is refused, untouched."""
-    from adapters.store import BASE_NAME, StoreMismatch
+    from hotlora.adapters.store import BASE_NAME, StoreMismatch
 
     root = tmp_path / "s"
     store = AdapterStore(root, BASE, max_rank=16)

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 from safetensors.torch import save
 
-import adapters.store as store_mod
-from adapters.format import WEIGHTS_NAME
-from adapters.store import AdapterStore, AdapterVersion
+import hotlora.adapters.store as store_mod
+from hotlora.adapters.format import WEIGHTS_NAME
+from hotlora.adapters.store import AdapterStore, AdapterVersion
 from tests.adapters.conftest import BASE, valid_config, valid_tensors
 
 REPO = Path(__file__).resolve().parents[2]
@@ -268,7 +268,7 @@ def test_a_crash_at_any_step_of_a_delete_is_all_or_nothing(
 _CHILD_PUTS = """
 import sys, json
 from pathlib import Path
-from adapters.store import AdapterStore
+from hotlora.adapters.store import AdapterStore
 from tests.adapters.conftest import BASE
 from tests.adapters.test_store_index import CONFIG, WEIGHTS
 store = AdapterStore(Path(sys.argv[1]), BASE, max_rank=8, max_bytes=1 << 20)
@@ -407,7 +407,7 @@ def test_two_processes_uploading_one_name_get_distinct_versions(tmp_path: Path) 
 _CHILD_HOLDS = """
 import sys, time
 from pathlib import Path
-from adapters.store import AdapterStore
+from hotlora.adapters.store import AdapterStore
 from tests.adapters.conftest import BASE
 store = AdapterStore(Path(sys.argv[1]), BASE, max_rank=8)
 (Path(sys.argv[1]) / ".staging" / "in-flight").mkdir()

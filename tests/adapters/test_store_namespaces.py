@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.store import AdapterStore, Quota, QuotaExceeded
+from hotlora.adapters.store import AdapterStore, Quota, QuotaExceeded
 from tests.adapters.conftest import BASE
 from tests.adapters.test_store import MAX_RANK, blobs, tree
 

@@ -23,9 +23,9 @@ import uvicorn
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapters.demo_tasks import DEMO_ADAPTERS, prompt_for
-from server.config import Settings
-from server.main import create_app
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS, prompt_for
+from hotlora.server.config import Settings
+from hotlora.server.main import create_app
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "docker" / "grafana" / "dashboards" / "hotlora.json"

@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from server.engine.batch import StepBatch, build_step
-from server.engine.errors import EngineError
-from server.engine.kv_cache import KVCache
-from server.engine.models.base import attend, cached_kv
+from hotlora.server.engine.batch import StepBatch, build_step
+from hotlora.server.engine.errors import EngineError
+from hotlora.server.engine.kv_cache import KVCache
+from hotlora.server.engine.models.base import attend, cached_kv
 
 # Largest |attend - fp64 reference| per dtype (outputs are averages of N(0, 1) values).
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 4e-3}

@@ -15,10 +15,10 @@ from typing import Any
 
 import pytest
 
-from adapters.demo_tasks import DEMO_CHAT_TEMPLATE, DEMO_MODEL, LLAMA_DEMO_MODEL, prompt_for
-from server.engine import chat_template as ct
-from server.engine.chat_template import ChatTemplate
-from server.engine.errors import ModelLoadError, RequestError
+from hotlora.adapters.demo_tasks import DEMO_CHAT_TEMPLATE, DEMO_MODEL, LLAMA_DEMO_MODEL, prompt_for
+from hotlora.server.engine import chat_template as ct
+from hotlora.server.engine.chat_template import ChatTemplate
+from hotlora.server.engine.errors import ModelLoadError, RequestError
 from tests.tokenizer_builders import write_bytelevel_tokenizer, write_metaspace_tokenizer
 
 transformers = pytest.importorskip("transformers")

@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.format import BaseShapes
-from server.engine import Engine, EngineConfig, SamplingParams
-from server.engine.cuda_graphs import Capture, batch_buckets, replay_by_calling
-from server.engine.loader import load_model
-from server.engine.tokenizer import load_tokenizer
+from hotlora.adapters.format import BaseShapes
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.server.engine.cuda_graphs import Capture, batch_buckets, replay_by_calling
+from hotlora.server.engine.loader import load_model
+from hotlora.server.engine.tokenizer import load_tokenizer
 from tests.helpers import (
     make_hf_llama,
     make_hf_model,
@@ -172,7 +172,7 @@ def test_a_failed_capture_serves_those_steps_eagerly(gpt2_dir: Path) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_graphs_decode_like_the_eager_cuda_engine(gpt2_dir: Path, dtype: torch.dtype) -> None:
-    from server.engine.cuda_graphs import cuda_capture
+    from hotlora.server.engine.cuda_graphs import cuda_capture
 
     names = [None, "lora", "deu", "lora+deu", "lora2", None, "lora"]
     results = []
@@ -193,7 +193,7 @@ def test_cuda_graphs_decode_like_the_eager_cuda_engine(gpt2_dir: Path, dtype: to
 
 @pytest.mark.gpu
 def test_cuda_graphs_on_a_grouped_query_llama(tmp_path: Path) -> None:
-    from server.engine.cuda_graphs import cuda_capture
+    from hotlora.server.engine.cuda_graphs import cuda_capture
 
     make_hf_llama(tmp_path / "base", "llama3-gqa2", seed=1)
     results = []

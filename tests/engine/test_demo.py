@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.demo_tasks import (
+from hotlora.adapters.demo_tasks import (
     DEMO_ADAPTER_TASKS,
     DEMO_MODEL,
     DEMO_TASKS,
@@ -19,9 +19,9 @@ from adapters.demo_tasks import (
     demo_adapters,
     heldout,
 )
-from adapters.format import BaseShapes
-from server.engine import Engine, EngineConfig, SamplingParams
-from server.engine.loader import read_config
+from hotlora.adapters.format import BaseShapes
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.server.engine.loader import read_config
 from tests.helpers import hf_with_deu
 
 N = 50  # held-out prompts per task
@@ -79,7 +79,7 @@ def test_train_script_writes_an_adapter_peft_loads(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from training.train import main
+    from hotlora.training.train import main
 
     out = tmp_path / "upper"
     argv = ["--base", str(model_dir), "--task", "upper", "--out", str(out), "--steps", "3"]
@@ -111,8 +111,8 @@ def test_train_script_writes_a_deu_adapter_the_engine_serves_exactly(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from adapters.adapter import load_adapter
-    from training.train import main
+    from hotlora.adapters.adapter import load_adapter
+    from hotlora.training.train import main
 
     out = tmp_path / kind
     argv = ["--base", str(model_dir), "--task", "upper", "--out", str(out), "--kind", kind]
@@ -133,7 +133,7 @@ def test_train_script_writes_a_deu_adapter_the_engine_serves_exactly(
 
 
 def test_cli_demo_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import main
+    from hotlora.server.cli import main
 
     assert main(["demo", "hello", "2718"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -148,7 +148,7 @@ def test_cli_demo_prints_every_row(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cli_demo_runs_the_llama_demo(capsys: pytest.CaptureFixture[str]) -> None:
-    from server.cli import main
+    from hotlora.server.cli import main
 
     assert main(["demo", "--model", str(LLAMA_DEMO_MODEL), "hello"]) == 0
     lines = capsys.readouterr().out.splitlines()

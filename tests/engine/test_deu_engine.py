@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.errors import AdapterError
-from adapters.format import BaseShapes
-from server.engine import Engine, EngineConfig, EngineError, SamplingParams
+from hotlora.adapters.errors import AdapterError
+from hotlora.adapters.format import BaseShapes
+from hotlora.server.engine import Engine, EngineConfig, EngineError, SamplingParams
 from tests.helpers import (
     hf_with_deu,
     make_hf_model,

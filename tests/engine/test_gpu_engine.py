@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.layout import LLAMA_LAYOUT
-from server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.adapters.layout import LLAMA_LAYOUT
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
 from tests.helpers import (
     make_hf_llama,
     make_hf_model,

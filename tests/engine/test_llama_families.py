@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.layout import LLAMA_LAYOUT
-from server.engine import Engine, EngineConfig, ModelLoadError, SamplingParams
-from server.engine.loader import load_model
+from hotlora.adapters.layout import LLAMA_LAYOUT
+from hotlora.server.engine import Engine, EngineConfig, ModelLoadError, SamplingParams
+from hotlora.server.engine.loader import load_model
 from tests.helpers import (
     LLAMA_FAMILIES,
     VOCAB,
@@ -142,7 +142,7 @@ def test_deu_on_the_swiglu_gate_equals_the_reference(
     base: tuple[Path, Any], tmp_path: Path
 ) -> None:
     deu = random_deu(3, 96, seed=5, layout=LLAMA_LAYOUT)
-    from adapters.format import BaseShapes
+    from hotlora.adapters.format import BaseShapes
 
     shapes = BaseShapes.llama(3, 64, 96, 4, 2, head_dim=24)
     path = save_deu(tmp_path / "deu", deu, shapes)
@@ -161,7 +161,7 @@ def test_deu_on_the_swiglu_gate_equals_the_reference(
 def test_mixed_batch_rows_equal_solo_rows_and_merged_equals_unmerged(
     base: tuple[Path, Any], adapters: dict[str, tuple[Path, Any]], tmp_path: Path
 ) -> None:
-    from adapters.format import BaseShapes
+    from hotlora.adapters.format import BaseShapes
 
     shapes = BaseShapes.llama(3, 64, 96, 4, 2, head_dim=24)
     deu = random_deu(3, 96, seed=7, layout=LLAMA_LAYOUT)
@@ -264,7 +264,7 @@ def test_pickle_checkpoint_refused(tmp_path: Path) -> None:
 
 
 def test_gpt2_adapter_is_refused_by_a_llama_base(base: tuple[Path, Any], tmp_path: Path) -> None:
-    from adapters.errors import AdapterError
+    from hotlora.adapters.errors import AdapterError
     from tests.helpers import make_hf_model
 
     gpt2 = make_hf_model(tmp_path / "gpt2")
@@ -316,7 +316,7 @@ def test_llama_adapter_refusals_name_the_field(
     adapters: dict[str, tuple[Path, Any]], base: tuple[Path, Any], tmp_path: Path,
     config: dict[str, Any] | None, tensors: Any, message: str,
 ) -> None:
-    from adapters.errors import AdapterError
+    from hotlora.adapters.errors import AdapterError
 
     bad = _edit_adapter(adapters["all_linear"][0], tmp_path / "bad", config, tensors)
     engine = _engine(base[0])
@@ -326,7 +326,7 @@ def test_llama_adapter_refusals_name_the_field(
 
 
 def test_llama_pickle_only_adapter_is_refused(base: tuple[Path, Any], tmp_path: Path) -> None:
-    from adapters.errors import AdapterError
+    from hotlora.adapters.errors import AdapterError
 
     (tmp_path / "p").mkdir()
     (tmp_path / "p" / "adapter_config.json").write_text('{"peft_type": "LORA"}')
@@ -402,7 +402,7 @@ def test_null_fields_mean_their_defaults(tmp_path: Path) -> None:
 
 def test_adapters_for_layers_past_48_load_on_a_deep_base(tmp_path: Path) -> None:
     """An 80-layer base (Llama 3 70B's depth): its adapters are checked at its own depth."""
-    from adapters.format import BaseShapes, load_lora_adapter, write_adapter_dir
+    from hotlora.adapters.format import BaseShapes, load_lora_adapter, write_adapter_dir
 
     shapes = BaseShapes.llama(80, 8, 16, 2, 1)
     key = "base_model.model.model.layers.70.self_attn.q_proj"

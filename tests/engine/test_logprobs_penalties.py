@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, SamplingParams
-from server.engine.sampling import RowHistory, adjust_logits
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.server.engine.sampling import RowHistory, adjust_logits
 from tests.helpers import make_hf_model, make_peft_adapter, random_prompts
 
 TOL = {"rtol": 1e-4, "atol": 1e-4}  # fp32 on CPU
@@ -246,7 +246,7 @@ def test_logit_bias_min_tokens_and_stop_token_ids(
 def test_token_ids_outside_the_vocabulary_are_refused(
     models: tuple[Engine, Any, dict[str, Any]],
 ) -> None:
-    from server.engine import RequestError
+    from hotlora.server.engine import RequestError
 
     engine = models[0]
     for params in (SamplingParams(logit_bias={257: 1.0}), SamplingParams(stop_token_ids=[999])):

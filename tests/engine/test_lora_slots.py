@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from adapters.format import LoRAAdapter, LoRAModule
-from adapters.lora_config import LoRAConfig
-from server.engine.lora_slots import LoRASlots
-from server.engine.models.gpt2 import GPT2Config
+from hotlora.adapters.format import LoRAAdapter, LoRAModule
+from hotlora.adapters.lora_config import LoRAConfig
+from hotlora.server.engine.lora_slots import LoRASlots
+from hotlora.server.engine.models.gpt2 import GPT2Config
 
 CFG = GPT2Config.from_dict(
     {"vocab_size": 50, "n_positions": 32, "n_embd": 16, "n_layer": 3, "n_head": 2}

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
 from tests.helpers import make_hf_model, make_peft_adapter, random_prompts
 
 # Each is a peft LoraConfig variant hotlora must reproduce exactly.
@@ -138,7 +138,7 @@ def test_merged_adapter_rows_equal_unmerged(
 def test_removed_adapter_frees_slot_and_rejected_adapter_changes_nothing(
     base: tuple[Path, Any], adapters: dict[str, tuple[Path, Any]], tmp_path: Path
 ) -> None:
-    from adapters.errors import AdapterError
+    from hotlora.adapters.errors import AdapterError
 
     engine = _engine(base[0])
     engine.add_adapter("a", adapters["all_targets"][0])

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.engine import Engine, EngineConfig, ModelLoadError, SamplingParams
-from server.engine.loader import load_model
+from hotlora.server.engine import Engine, EngineConfig, ModelLoadError, SamplingParams
+from hotlora.server.engine.loader import load_model
 from tests.helpers import VOCAB, make_hf_model
 
 CONFIGS = {
@@ -117,7 +117,7 @@ def test_conv1d_weights_run_transposed_and_save_back_bit_exact(tmp_path: Path) -
     layout) and written back in the checkpoint's layout: a load-save round trip is bit-exact."""
     from safetensors.torch import load_file
 
-    from server.engine.loader import save_model
+    from hotlora.server.engine.loader import save_model
 
     hf = make_hf_model(tmp_path / "src", n_embd=45, n_head=3, n_inner=80)
     model, _ = load_model(tmp_path / "src", torch.device("cpu"), torch.float32)

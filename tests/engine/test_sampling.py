@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters.demo_tasks import build_tokenizer
-from server.engine import Engine, EngineConfig, RequestError, SamplingParams
-from server.engine.sampling import _filter, sample
-from server.engine.tokenizer import Detokenizer
+from hotlora.adapters.demo_tasks import build_tokenizer
+from hotlora.server.engine import Engine, EngineConfig, RequestError, SamplingParams
+from hotlora.server.engine.sampling import _filter, sample
+from hotlora.server.engine.tokenizer import Detokenizer
 from tests.helpers import make_hf_model
 
 
@@ -106,7 +106,6 @@ def test_detokenizer_holds_back_partial_utf8_and_stop_prefixes() -> None:
     "kwargs",
     [
         {"max_tokens": -3},
-        {"max_tokens": 2, "min_tokens": 3},
         {"min_tokens": -1},
         {"presence_penalty": 2.5},
         {"frequency_penalty": -2.1},
@@ -124,9 +123,18 @@ def test_detokenizer_holds_back_partial_utf8_and_stop_prefixes() -> None:
         {"stop": [""]},
     ],
 )
-def test_bad_sampling_params_raise(kwargs: dict[str, object]) -> None:
-    with pytest.raises(RequestError):
+def test_bad_sampling_params_raise_naming_their_field(kwargs: dict[str, object]) -> None:
+    # The error carries the request field to fix (the API's `param`) from where it is raised,
+    # so rewording a message never changes the API.
+    with pytest.raises(RequestError) as e:
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+    assert e.value.param == next(iter(kwargs)), str(e.value)
+
+
+def test_min_tokens_over_max_tokens_names_min_tokens() -> None:
+    with pytest.raises(RequestError) as e:
+        SamplingParams(max_tokens=2, min_tokens=3)
+    assert e.value.param == "min_tokens"
 
 
 def test_bad_requests_raise_and_queue_nothing(engine: Engine) -> None:

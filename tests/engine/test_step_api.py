@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from server.engine import Engine, EngineConfig, EngineError, RequestError, SamplingParams
+from hotlora.server.engine import Engine, EngineConfig, EngineError, RequestError, SamplingParams
 from tests.helpers import make_hf_model, make_peft_adapter
 
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)

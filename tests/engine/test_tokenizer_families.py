@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from tokenizers import Tokenizer
 
-from adapters.demo_tasks import build_tokenizer
-from server.engine.errors import ModelLoadError
-from server.engine.tokenizer import Detokenizer, TextTokenizer, load_tokenizer
+from hotlora.adapters.demo_tasks import build_tokenizer
+from hotlora.server.engine.errors import ModelLoadError
+from hotlora.server.engine.tokenizer import Detokenizer, TextTokenizer, load_tokenizer
 from tests.tokenizer_builders import write_bytelevel_tokenizer, write_metaspace_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -191,7 +191,9 @@ def test_incremental_detokenization_equals_full_decode(dirs: dict[str, Path], st
             assert "\ufffd" not in delta and "▁" not in delta
             out += delta
             now = tok.decode(ids[:k])
-            if "\ufffd" not in now:  # a complete prefix: nothing may be held back
+            last = [i for i in ids[:k] if i not in tok.special_ids][-1:]
+            closed = not set(last) & tok.byte_ids  # an open byte run may still turn invalid
+            if "\ufffd" not in now and closed:  # a complete prefix: nothing may be held back
                 assert out == now, (k, out, now)
             assert full.startswith(out)
         assert d.update(ids, final=True) == "" and out == full == d.text
@@ -221,6 +223,61 @@ def test_incremental_detokenization_with_stop_strings(
     assert d.update(ids, final=True) == ""  # nothing after a stop
 
 
+# Byte pieces that form invalid UTF-8: ByteFallback turns every byte of an invalid run into
+# U+FFFD, bytes that made a complete character before the run went bad included.
+BAD_BYTE_RUNS = [
+    ["<0xC3>", "<0xA9>", "<0x80>"],  # "é", then a stray continuation byte
+    ["<0xC3>", "<0xA9>", "<0xF0>", "<0x9F>"],  # "é", then a cut-off 4-byte sequence
+    ["<0xF0>", "<0x9F>", "<0xA6>", "<0x99>", "<0xFF>"],  # "🦙", then a byte no UTF-8 has
+    ["<0x80>"],
+    ["<0xE4>", "<0xB8>"],  # cut off at the end of the output
+]
+
+
+@pytest.mark.parametrize("style", ["llama2", "llama2-no-prefix", "mistral"])
+@pytest.mark.parametrize("run", BAD_BYTE_RUNS, ids=lambda r: "".join(r))
+@pytest.mark.parametrize("after", ["", " ok"])
+def test_invalid_byte_runs_stream_to_exactly_the_full_decode(
+    dirs: dict[str, Path], style: str, run: list[str], after: str
+) -> None:
+    tok, ref = load_tokenizer(dirs[style]), _auto(dirs[style])
+    byte_ids = [tok.token_to_id(p) for p in run]
+    assert None not in byte_ids, run
+    ids = tok.encode("héllo 中文") + [i for i in byte_ids if i is not None]
+    ids += tok.encode(after, add_special_tokens=False)
+    full = tok.decode(ids)
+    assert full == ref.decode(ids, skip_special_tokens=True)  # the reference's text
+    assert "\ufffd" in full
+    d = Detokenizer(tok, stop=())
+    out = ""
+    for k in range(1, len(ids) + 1):
+        out += d.update(ids[:k])
+        assert full.startswith(out), (k, out, full)  # never a character that decode retracts
+    out += d.update(ids, final=True)
+    assert out == d.text == full
+
+
+@pytest.mark.parametrize("style", ["llama2", "mistral"])
+def test_invalid_byte_run_at_the_end_is_flushed_as_decode_does(
+    dirs: dict[str, Path], style: str
+) -> None:
+    tok = load_tokenizer(dirs[style])
+    ids = tok.encode("ab") + [tok.token_to_id("<0xC3>"), tok.token_to_id("<0xA9>")]
+    ids += [tok.token_to_id("<0x80>")]  # type: ignore[list-item]
+    d = Detokenizer(tok, stop=())
+    out = "".join(d.update(ids[:k]) for k in range(1, len(ids) + 1))
+    assert "é" not in out  # held back while the run was open
+    assert out + d.update(ids, final=True) == tok.decode(ids) == d.text  # type: ignore[arg-type]
+    assert d.text.endswith("\ufffd" * 3)
+
+
+def test_byte_pieces_are_plain_text_without_a_byte_fallback_decoder(
+    dirs: dict[str, Path],
+) -> None:
+    assert load_tokenizer(dirs["llama3"]).byte_ids == frozenset()
+    assert len(load_tokenizer(dirs["llama2"]).byte_ids) == 256
+
+
 @pytest.mark.parametrize("style", ["llama3", "llama2"])
 def test_final_flushes_an_incomplete_character(dirs: dict[str, Path], style: str) -> None:
     tok = load_tokenizer(dirs[style])
@@ -234,7 +291,7 @@ def test_final_flushes_an_incomplete_character(dirs: dict[str, Path], style: str
 
 class _CountingTokenizer(TextTokenizer):
     def __init__(self, base: TextTokenizer) -> None:
-        super().__init__(base.raw, base.bos_token_id, base.eos_token_ids)
+        super().__init__(base.raw, base.bos_token_id, base.eos_token_ids, base.byte_ids)
         self.longest = 0
 
     def decode(self, ids: Any, skip_special_tokens: bool = True) -> str:

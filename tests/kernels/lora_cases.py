@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels import lora_reference
+from hotlora.kernels import lora_reference
 
 # dtype -> (rtol, atol) against the fp64 reference. Values are O(1) by construction (see
 # make_case), so atol and rtol are on the same scale; half tolerances cover rounding of the

@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernels import (
-    build_lora_meta,
+from hotlora.kernels import (
+    build_slot_meta,
     deu_activation,
     deu_apply,
     deu_planes,
@@ -23,7 +23,7 @@ from kernels import (
     deu_unit,
     deu_unit_reference,
 )
-from kernels.deu import (
+from hotlora.kernels.deu import (
     _GATHER_MAX_TOKENS_PER_RUN,
     A_MAX,
     A_MIN,
@@ -37,7 +37,7 @@ from kernels.deu import (
     _apply_gathered,
     _apply_runs,
 )
-from kernels.lora import LoRAMeta
+from hotlora.kernels.slot_meta import SlotMeta
 from tests.kernels.lora_cases import PATTERNS, make_slots
 
 F64 = torch.float64
@@ -208,7 +208,7 @@ def assert_op_close(out: Tensor, ref: Tensor, tol: Tensor, slots: list[int]) -> 
     assert torch.equal(out[inactive].double(), ref[inactive])
 
 
-def gathers(meta: LoRAMeta) -> bool:
+def gathers(meta: SlotMeta) -> bool:
     """Which torch strategy deu_apply picks for this meta (mirrors its dispatch rule)."""
     return meta.num_active <= _GATHER_MAX_TOKENS_PER_RUN * len(meta.run_starts_host)
 
@@ -335,7 +335,7 @@ def test_apply_tiny_r_planes(batch: str) -> None:
     if batch == "runs":
         order = sorted(range(len(slots)), key=lambda i: slots[i])
         h, want, tol, slots = h[order], want[order], tol[order], [slots[i] for i in order]
-    meta = build_lora_meta(slots, "cpu")
+    meta = build_slot_meta(slots, "cpu")
     assert gathers(meta) == (batch == "gathered")
     out = torch.zeros_like(h)
     deu_apply(out, h, bank, meta)
@@ -448,7 +448,7 @@ OP_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def test_apply_patterns(pattern: str, T: int, dtype: torch.dtype) -> None:
     S = max(T, 4) if pattern == "distinct" else 4
     y, h, params, slots = make_op_case(T, 24, S, pattern, dtype, seed=T)
-    meta = build_lora_meta(slots, "cpu")
+    meta = build_slot_meta(slots, "cpu")
     out = y.clone()
     deu_apply(out, h, make_bank(params), meta)
     assert_op_close(out, *op_expected(y, h, params, slots), slots)
@@ -461,7 +461,7 @@ def test_each_strategy_on_each_pattern(strategy: str, pattern: str) -> None:
     tokens cross the CPU path's 32-row chunks mid-run."""
     S = 70 if pattern == "distinct" else 5
     y, h, params, slots = make_op_case(70, 40, S, pattern, torch.float32, seed=7)
-    meta = build_lora_meta(slots, "cpu")
+    meta = build_slot_meta(slots, "cpu")
     out = y.clone()
     (_apply_gathered if strategy == "gathered" else _apply_runs)(out, h, make_bank(params), meta)
     assert_op_close(out, *op_expected(y, h, params, slots), slots)
@@ -469,10 +469,10 @@ def test_each_strategy_on_each_pattern(strategy: str, pattern: str) -> None:
 
 def test_patterns_select_each_strategy() -> None:
     """Decode-like patterns gather, prefill-like runs broadcast (so both are exercised above)."""
-    assert gathers(build_lora_meta(make_slots("interleaved", 40, 4), "cpu"))
-    assert gathers(build_lora_meta(make_slots("distinct", 8, 8), "cpu"))
-    assert not gathers(build_lora_meta(make_slots("runs", 40, 4), "cpu"))
-    assert not gathers(build_lora_meta(make_slots("one_slot", 40, 4), "cpu"))
+    assert gathers(build_slot_meta(make_slots("interleaved", 40, 4), "cpu"))
+    assert gathers(build_slot_meta(make_slots("distinct", 8, 8), "cpu"))
+    assert not gathers(build_slot_meta(make_slots("runs", 40, 4), "cpu"))
+    assert not gathers(build_slot_meta(make_slots("one_slot", 40, 4), "cpu"))
 
 
 def test_identity_at_zero_gain() -> None:
@@ -483,7 +483,7 @@ def test_identity_at_zero_gain() -> None:
     h[0] = 1e30
     for dtype in (torch.float32, torch.float16):
         out = y.to(dtype)
-        deu_apply(out, h.to(dtype), make_bank(params), build_lora_meta(slots, "cpu"))
+        deu_apply(out, h.to(dtype), make_bank(params), build_slot_meta(slots, "cpu"))
         assert torch.equal(out, y.to(dtype))
 
 
@@ -491,7 +491,7 @@ def test_all_zero_planes_add_nothing() -> None:
     """The engine parks layers an adapter does not cover as all-zero planes."""
     y, h, _, slots = make_op_case(9, 16, 2, "many", torch.float32)
     out = y.clone()
-    deu_apply(out, h, torch.zeros(N_PLANES, 2, 16), build_lora_meta(slots, "cpu"))
+    deu_apply(out, h, torch.zeros(N_PLANES, 2, 16), build_slot_meta(slots, "cpu"))
     assert torch.equal(out, y)
 
 
@@ -500,14 +500,14 @@ def test_mixed_batch_rows_equal_rows_alone() -> None:
     y, h, params, slots = make_op_case(40, 24, 4, "many", torch.float32, seed=4)
     bank = make_bank(params)
     decode, prefill = slots[:13], sorted(slots)  # the gathered and the run-wise strategy
-    assert gathers(build_lora_meta(decode, "cpu")) and not gathers(build_lora_meta(prefill, "cpu"))
+    assert gathers(build_slot_meta(decode, "cpu")) and not gathers(build_slot_meta(prefill, "cpu"))
     for batch in (decode, prefill):
         T = len(batch)
         out = y[:T].clone()
-        deu_apply(out, h[:T], bank, build_lora_meta(batch, "cpu"))
+        deu_apply(out, h[:T], bank, build_slot_meta(batch, "cpu"))
         for i, k in enumerate(batch):
             alone = y[i : i + 1].clone()
-            deu_apply(alone, h[i : i + 1], bank, build_lora_meta([k], "cpu"))
+            deu_apply(alone, h[i : i + 1], bank, build_slot_meta([k], "cpu"))
             assert torch.equal(out[i : i + 1], alone), (i, k)
 
 
@@ -520,7 +520,7 @@ def test_row_strided_views() -> None:
     h_big[:, 3:27] = h
     for batch in (slots, sorted(slots)):  # gathered, runs
         out = y_big.clone()
-        deu_apply(out[:, 8:32], h_big[:, 3:27], make_bank(params), build_lora_meta(batch, "cpu"))
+        deu_apply(out[:, 8:32], h_big[:, 3:27], make_bank(params), build_slot_meta(batch, "cpu"))
         assert torch.equal(out[:, :8], y_big[:, :8]) and torch.equal(out[:, 32:], y_big[:, 32:])
         assert_op_close(out[:, 8:32], *op_expected(y, h, params, batch), batch)
 
@@ -538,7 +538,7 @@ def test_reference_does_not_alias_last_slot() -> None:
 
 def _good() -> dict[str, object]:
     y, h, params, slots = make_op_case(4, 6, 3, "many", torch.float32)
-    return {"y": y, "h": h, "bank": make_bank(params), "meta": build_lora_meta(slots, "cpu")}
+    return {"y": y, "h": h, "bank": make_bank(params), "meta": build_slot_meta(slots, "cpu")}
 
 
 BAD = {
@@ -548,9 +548,9 @@ BAD = {
     "bank_F": (lambda a: {**a, "bank": a["bank"][:, :, :5].contiguous()}, ValueError),
     "h_shape": (lambda a: {**a, "h": a["h"][:3]}, ValueError),
     "y_1d": (lambda a: {**a, "y": a["y"][0], "h": a["h"][0]}, ValueError),
-    "meta_T": (lambda a: {**a, "meta": build_lora_meta([0] * 5, "cpu")}, ValueError),
+    "meta_T": (lambda a: {**a, "meta": build_slot_meta([0] * 5, "cpu")}, ValueError),
     "slot_out_of_range": (
-        lambda a: {**a, "meta": build_lora_meta([0, 3, 1, 1], "cpu")},
+        lambda a: {**a, "meta": build_slot_meta([0, 3, 1, 1], "cpu")},
         ValueError,
     ),
     "dtype_mismatch": (lambda a: {**a, "h": a["h"].double()}, TypeError),

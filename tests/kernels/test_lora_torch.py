@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import LoRAMeta, build_lora_meta, lora_apply, lora_reference
-from kernels.lora import SlotRows
+from hotlora.kernels import SlotMeta, build_slot_meta, lora_apply, lora_reference
+from hotlora.kernels.slot_meta import SlotRows
 from tests.kernels.lora_cases import PATTERNS, assert_matches, make_case, with_storage
 
 PLANS = ("runs", "segments", "gathered")
@@ -22,7 +22,7 @@ def _run(
     case_dtype: torch.dtype, plan: str | None = None, storage: str = "standard", **kw: int | str
 ) -> None:
     case = with_storage(make_case(dtype=case_dtype, **kw), storage)  # type: ignore[arg-type]
-    meta = build_lora_meta(case.slots, "cpu")
+    meta = build_slot_meta(case.slots, "cpu")
     if plan is not None:
         meta = meta.with_cpu_plan(plan)  # type: ignore[arg-type]
     y = case.y.clone()
@@ -78,11 +78,11 @@ def test_gathered_rows_of_a_mixed_batch_equal_each_row_alone(dtype: torch.dtype)
         "transposed",
     )
     y = case.y.clone()
-    meta = build_lora_meta(case.slots, "cpu").with_cpu_plan("gathered")
+    meta = build_slot_meta(case.slots, "cpu").with_cpu_plan("gathered")
     lora_apply(y, case.x, case.A, case.B, case.scales, meta)
     for t, k in enumerate(case.slots):
         alone = case.y[t : t + 1].clone()
-        one = build_lora_meta([k], "cpu").with_cpu_plan("gathered")
+        one = build_slot_meta([k], "cpu").with_cpu_plan("gathered")
         lora_apply(alone, case.x[t : t + 1], case.A, case.B, case.scales, one)
         assert torch.equal(alone[0], y[t]), (t, k)
 
@@ -94,11 +94,11 @@ def test_half_activations_with_float32_weights_on_cpu(dtype: torch.dtype, patter
     case = make_case(T=16, d_in=64, d_out=96, R=8, S=16, pattern=pattern, dtype=dtype)
     A32, B32 = case.A.float(), case.B.float()  # hold the half values exactly
     y = case.y.clone()
-    lora_apply(y, case.x, A32, B32, case.scales, build_lora_meta(case.slots, "cpu"))
+    lora_apply(y, case.x, A32, B32, case.scales, build_slot_meta(case.slots, "cpu"))
     assert_matches(y, case, dtype)
     with pytest.raises(TypeError, match="share one dtype"):
         lora_apply(y, case.x.float(), A32.half(), B32.half(), case.scales,
-                   build_lora_meta(case.slots, "cpu"))
+                   build_slot_meta(case.slots, "cpu"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -114,7 +114,7 @@ def test_half_y_takes_the_fp32_delta_rounded_once(
         make_case(T=24, d_in=40, d_out=72, R=8, S=24, pattern=pattern, dtype=dtype), "transposed"
     )
     A32, B32 = case.A.float(), case.B.float()
-    meta = build_lora_meta(case.slots, "cpu").with_cpu_plan(plan)  # type: ignore[arg-type]
+    meta = build_slot_meta(case.slots, "cpu").with_cpu_plan(plan)  # type: ignore[arg-type]
     delta32 = torch.zeros(case.y.shape)
     lora_apply(delta32, case.x.float(), A32, B32, case.scales, meta)
     y = case.y.clone()
@@ -127,13 +127,13 @@ def test_half_y_takes_the_fp32_delta_rounded_once(
 
 @pytest.mark.parametrize("storage", STORAGES)
 def test_precomputed_gather_rows_give_the_same_bits(storage: str) -> None:
-    """build_lora_meta's row indices (the engine passes every d_in and R) change no result."""
+    """build_slot_meta's row indices (the engine passes every d_in and R) change no result."""
     case = with_storage(
         make_case(T=24, d_in=40, d_out=72, R=8, S=32, pattern="distinct", dtype=torch.float32),
         storage,
     )
-    plain = build_lora_meta(case.slots, "cpu")
-    rows = build_lora_meta(case.slots, "cpu", row_widths=(40, 8))
+    plain = build_slot_meta(case.slots, "cpu")
+    rows = build_slot_meta(case.slots, "cpu", row_widths=(40, 8))
     assert plain.cpu_plan_rowwise == "gathered" and set(rows.gather_rows) == {40, 8}
     y1, y2 = case.y.clone(), case.y.clone()
     lora_apply(y1, case.x, case.A, case.B, case.scales, plain)
@@ -147,14 +147,14 @@ def test_slot_rows_are_each_tokens_storage_rows_as_embedding_bags() -> None:
     bags = SlotRows.of(torch.tensor([3, 0, 3]), 4)
     assert bags.rows.tolist() == [12, 13, 14, 15, 0, 1, 2, 3, 12, 13, 14, 15]
     assert bags.offsets.tolist() == [0, 4, 8]
-    meta = build_lora_meta([-1, 3, 0, -1, 3, 5, 6, 7], "cpu", row_widths=(4,))
+    meta = build_slot_meta([-1, 3, 0, -1, 3, 5, 6, 7], "cpu", row_widths=(4,))
     assert meta.cpu_plan_rowwise == "gathered"
     assert meta.gather_rows[4].rows.view(-1, 4)[:, 0].tolist() == [12, 0, 12, 20, 24, 28]
 
 
 def test_all_none_is_bit_exact_noop() -> None:
     case = make_case(T=33, d_in=40, d_out=72, R=8, S=4, pattern="none", dtype=torch.float32)
-    meta = build_lora_meta(case.slots, "cpu")
+    meta = build_slot_meta(case.slots, "cpu")
     assert meta.empty
     y = case.y.clone()
     lora_apply(y, case.x, case.A, case.B, case.scales, meta)
@@ -176,7 +176,7 @@ def test_strided_rows(plan: str, storage: str, pattern: str) -> None:
     x_big[:, 10:50] = case.x
     y_big = torch.zeros(12, 90)
     y_big[:, 5:77] = case.y
-    meta = build_lora_meta(case.slots, "cpu").with_cpu_plan(plan)  # type: ignore[arg-type]
+    meta = build_slot_meta(case.slots, "cpu").with_cpu_plan(plan)  # type: ignore[arg-type]
     y = y_big[:, 5:77]
     lora_apply(y, x_big[:, 10:50], case.A, case.B, case.scales, meta)
     assert_matches(y, case, torch.float32)
@@ -199,7 +199,7 @@ def test_reference_does_not_alias_last_slot() -> None:
 
 def test_meta_structure() -> None:
     slots = [2, -1, 0, 2, 2, -1, 0, 5, 5, 5]
-    meta = build_lora_meta(torch.tensor(slots), "cpu")
+    meta = build_slot_meta(torch.tensor(slots), "cpu")
     assert meta.token_slots.tolist() == slots
     assert meta.sorted_tokens.tolist() == [2, 6, 0, 3, 4, 7, 8, 9]  # stable within a slot
     assert meta.seg_slots.tolist() == [0, 2, 5] and meta.seg_slots_host == (0, 2, 5)
@@ -218,7 +218,7 @@ def test_meta_structure() -> None:
 def test_meta_tiles_cover_each_segment_once(seg_lens: list[int]) -> None:
     # Reversed so slots arrive out of order and the sort does real work.
     slots = [k for k, n in enumerate(seg_lens) for _ in range(n)][::-1]
-    meta = build_lora_meta(slots, "cpu")
+    meta = build_slot_meta(slots, "cpu")
     bm = meta.block_m
     assert bm >= 16 and bm & (bm - 1) == 0
     covered: list[int] = []
@@ -234,15 +234,15 @@ def test_meta_tiles_cover_each_segment_once(seg_lens: list[int]) -> None:
 
 
 def test_meta_empty_and_plans() -> None:
-    assert build_lora_meta([], "cpu").empty
-    assert build_lora_meta([-1, -1], "cpu").empty
-    assert build_lora_meta([-1, -1], "cpu").max_slot == -1
-    assert build_lora_meta([3], "cpu").cpu_plan == "runs"
-    assert build_lora_meta(list(range(32)), "cpu").cpu_plan == "gathered"
-    assert build_lora_meta([0] * 1024, "cpu").cpu_plan == "runs"
-    assert build_lora_meta([0, 1] * 512, "cpu").cpu_plan == "segments"
+    assert build_slot_meta([], "cpu").empty
+    assert build_slot_meta([-1, -1], "cpu").empty
+    assert build_slot_meta([-1, -1], "cpu").max_slot == -1
+    assert build_slot_meta([3], "cpu").cpu_plan == "runs"
+    assert build_slot_meta(list(range(32)), "cpu").cpu_plan == "gathered"
+    assert build_slot_meta([0] * 1024, "cpu").cpu_plan == "runs"
+    assert build_slot_meta([0, 1] * 512, "cpu").cpu_plan == "segments"
     # 8 slots x 4 tokens, mixed: only worth gathering when B needs no copy.
-    eight = build_lora_meta([k % 8 for k in range(32)], "cpu")
+    eight = build_slot_meta([k % 8 for k in range(32)], "cpu")
     assert (eight.cpu_plan, eight.cpu_plan_rowwise) == ("segments", "gathered")
 
 
@@ -250,11 +250,11 @@ def test_meta_empty_and_plans() -> None:
 def test_meta_without_adapter_tokens_is_the_general_meta_of_nothing(T: int) -> None:
     """The no-adapter shortcut has every field the general build gives a step whose adapter
     tokens are all gone: nothing sorted, segmented, run or tiled."""
-    meta = build_lora_meta(torch.full((T,), -1), "cpu", row_widths=(40, 8))
+    meta = build_slot_meta(torch.full((T,), -1), "cpu", row_widths=(40, 8))
     assert meta.empty and meta.num_tokens == T and meta.num_active == 0 and meta.num_tiles == 0
     assert meta.token_slots.tolist() == [-1] * T and meta.max_slot == -1
     assert meta.seg_starts.tolist() == [0] and meta.seg_starts_host == (0,)
-    general = build_lora_meta([0] + [-1] * T, "cpu")  # one adapter token, then the rest
+    general = build_slot_meta([0] + [-1] * T, "cpu")  # one adapter token, then the rest
     for field in ("sorted_tokens", "active_tokens", "active_slots", "tile_slots"):
         assert getattr(meta, field).dtype == getattr(general, field).dtype, field
         assert getattr(meta, field).numel() == 0, field
@@ -273,31 +273,31 @@ def test_meta_without_adapter_tokens_is_the_general_meta_of_nothing(T: int) -> N
 )
 def test_meta_rejects(slots: object, err: type[Exception]) -> None:
     with pytest.raises(err):
-        build_lora_meta(slots, "cpu")  # type: ignore[arg-type]
+        build_slot_meta(slots, "cpu")  # type: ignore[arg-type]
 
 
 # --- validation ------------------------------------------------------------------------------
 
 
 def _good() -> tuple[
-    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRAMeta
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, SlotMeta
 ]:
     case = make_case(T=4, d_in=8, d_out=6, R=2, S=3, pattern="many", dtype=torch.float32)
-    return case.y, case.x, case.A, case.B, case.scales, build_lora_meta(case.slots, "cpu")
+    return case.y, case.x, case.A, case.B, case.scales, build_slot_meta(case.slots, "cpu")
 
 
 BAD = {
     "y_1d": (lambda a: {**a, "y": a["y"][0]}, ValueError),
     "x_3d": (lambda a: {**a, "x": a["x"][None]}, ValueError),
     "T_mismatch": (lambda a: {**a, "x": a["x"][:3]}, ValueError),
-    "meta_T_mismatch": (lambda a: {**a, "meta": build_lora_meta([0] * 5, "cpu")}, ValueError),
+    "meta_T_mismatch": (lambda a: {**a, "meta": build_slot_meta([0] * 5, "cpu")}, ValueError),
     "d_in_mismatch": (lambda a: {**a, "A": a["A"][:, :, :7]}, ValueError),
     "d_out_mismatch": (lambda a: {**a, "B": a["B"][:, :5]}, ValueError),
     "S_mismatch": (lambda a: {**a, "B": a["B"][:2]}, ValueError),
     "R_mismatch": (lambda a: {**a, "B": a["B"][:, :, :1]}, ValueError),
     "scales_len": (lambda a: {**a, "scales": a["scales"][:2]}, ValueError),
     "slot_out_of_range": (
-        lambda a: {**a, "meta": build_lora_meta([0, 3, 1, 1], "cpu")},
+        lambda a: {**a, "meta": build_slot_meta([0, 3, 1, 1], "cpu")},
         ValueError,
     ),
     "x_dtype": (lambda a: {**a, "x": a["x"].double()}, TypeError),
@@ -329,8 +329,8 @@ def test_validation(name: str) -> None:
 def test_cpu_path_never_imports_triton() -> None:
     code = (
         "import sys, torch\n"
-        "from kernels import build_lora_meta, lora_apply\n"
-        "m = build_lora_meta([0, -1, 1], 'cpu')\n"
+        "from hotlora.kernels import build_slot_meta, lora_apply\n"
+        "m = build_slot_meta([0, -1, 1], 'cpu')\n"
         "y = torch.zeros(3, 4); lora_apply(y, torch.ones(3, 2), torch.ones(2, 1, 2),"
         " torch.ones(2, 4, 1), torch.ones(2), m)\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"

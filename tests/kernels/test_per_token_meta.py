@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import build_lora_meta, deu_apply, lora_apply
-from kernels.lora import LoRAMeta, per_token_meta
-from kernels.triton_lora import sgmv_expand, sgmv_shrink
+from hotlora.kernels import build_slot_meta, deu_apply, lora_apply
+from hotlora.kernels.slot_meta import SlotMeta, per_token_meta
+from hotlora.kernels.triton_lora import sgmv_expand, sgmv_shrink
 from tests.kernels.lora_cases import PATTERNS, assert_matches, make_case, with_storage
 from tests.kernels.test_deu import assert_op_close, make_bank, make_op_case, op_expected
 
@@ -20,7 +20,7 @@ ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 INTERP_DTYPES = (torch.float32, torch.float16)  # bf16 is broken in the interpreter
 
 
-def _meta(slots: list[int], S: int) -> LoRAMeta:
+def _meta(slots: list[int], S: int) -> SlotMeta:
     return per_token_meta(torch.tensor(slots, dtype=torch.long), S)
 
 
@@ -42,7 +42,7 @@ def test_each_row_has_the_gathered_plans_bits(dtype: torch.dtype) -> None:
     case = with_storage(make_case(12, 40, 24, 8, 6, "many", dtype, seed=3), "transposed")
     got, want = case.y.clone(), case.y.clone()
     lora_apply(got, case.x, case.A, case.B, case.scales, _meta(case.slots, 6))
-    gathered = build_lora_meta(case.slots, "cpu").with_cpu_plan("gathered")
+    gathered = build_slot_meta(case.slots, "cpu").with_cpu_plan("gathered")
     lora_apply(want, case.x, case.A, case.B, case.scales, gathered)
     assert torch.equal(got, want)
 
@@ -72,6 +72,8 @@ def test_the_host_knows_only_bounds() -> None:
         per_token_meta(slots.int(), 4)
     with pytest.raises(TypeError, match="int64"):
         per_token_meta(slots[None], 4)
+    with pytest.raises(ValueError, match="contiguous"):  # the DEU kernel reads them unstrided
+        per_token_meta(torch.zeros(8, dtype=torch.long)[::2], 4)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -83,5 +85,5 @@ def test_deu_torch_path_matches_reference(pattern: str, dtype: torch.dtype) -> N
     deu_apply(out, h, make_bank(params), per_token_meta(torch.tensor(slots), S))
     assert_op_close(out, *op_expected(y, h, params, slots), slots)
     want = y.clone()
-    deu_apply(want, h, make_bank(params), build_lora_meta(slots, "cpu"))
+    deu_apply(want, h, make_bank(params), build_slot_meta(slots, "cpu"))
     assert torch.equal(out, want)

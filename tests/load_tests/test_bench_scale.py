@@ -3,18 +3,16 @@ store (every adapter loads), the in-process parts run at tiny sizes, the table p
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "load_tests"))
+
+from hotlora.adapters.store import AdapterStore  # noqa: E402
 
 import bench_scale  # noqa: E402
 import common  # noqa: E402
-
-from adapters.store import AdapterStore  # noqa: E402
 
 
 def test_help_and_part_names(capsys: pytest.CaptureFixture[str]) -> None:

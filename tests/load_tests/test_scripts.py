@@ -19,12 +19,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 LOAD_TESTS = REPO / "load_tests"
-sys.path.insert(0, str(LOAD_TESTS))
 
-import baseline_server  # noqa: E402
 import bench_gpu_kernels  # noqa: E402
 import bench_offline  # noqa: E402
 import bench_roofline  # noqa: E402
+
+import baseline_server  # noqa: E402
 import bench_serving  # noqa: E402
 import common  # noqa: E402
 import soak  # noqa: E402
@@ -56,13 +56,14 @@ def test_bench_serving_needs_exactly_one_target() -> None:
 
 
 def test_locustfile_imports_and_locust_parses_it() -> None:
-    # A subprocess: importing locust monkey-patches the interpreter with gevent.
+    # A subprocess: importing locust monkey-patches the interpreter with gevent. Run from
+    # load_tests/, as locust itself imports the file (its folder first on sys.path).
     code = (
-        "import sys; sys.path.insert(0, 'load_tests'); import locustfile as l; "
+        "import locustfile as l; "
         "print(sorted(c.__name__ for c in (l.CompletionUser, l.StreamUser, l.AdminUser)))"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code], cwd=LOAD_TESTS, capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "AdminUser" in out.stdout
@@ -223,7 +224,7 @@ def test_soak_extracts_server_tracebacks() -> None:
 
 
 def test_synthetic_adapter_loads_in_hotlora(tmp_path: Path) -> None:
-    from adapters.format import BaseShapes, load_lora_adapter
+    from hotlora.adapters.format import BaseShapes, load_lora_adapter
 
     dims = common.base_dims(common.DEMO_MODEL)
     path = common.make_adapter(tmp_path / "x", dims, rank=4, seed=1)
@@ -252,7 +253,7 @@ def test_bench_offline_base_shapes_from_config(tmp_path: Path) -> None:
     """One code path reads both families' adapter shapes from the saved config.json."""
     import transformers
 
-    from adapters.format import BaseShapes
+    from hotlora.adapters.format import BaseShapes
 
     for name, expected in [
         ("smollm-135m", BaseShapes.llama(30, 576, 1536, 9, 3)),
@@ -327,8 +328,8 @@ class _Live:
 
 @pytest.fixture(scope="module")
 def hotlora(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Live]:
-    from server.config import Settings
-    from server.main import create_app
+    from hotlora.server.config import Settings
+    from hotlora.server.main import create_app
 
     port = _free_port()
     settings = Settings(

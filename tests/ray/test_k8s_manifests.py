@@ -8,7 +8,7 @@ from typing import Any
 
 import yaml
 
-from server.config import Settings
+from hotlora.server.config import Settings
 
 K8S = Path(__file__).resolve().parents[2] / "docker" / "k8s"
 
@@ -37,7 +37,7 @@ def test_rayservice() -> None:
     assert svc["apiVersion"] == "ray.io/v1"
     serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
     (app,) = serve_config["applications"]
-    assert app["import_path"] == "server.ray_app:app" and app["route_prefix"] == "/"
+    assert app["import_path"] == "hotlora.server.ray_app:app" and app["route_prefix"] == "/"
     _check_env(app["runtime_env"]["env_vars"])
     deployments = {d["name"]: d for d in app["deployments"]}
     assert set(deployments) == {"HotloraReplica", "HotloraIngress", "MetricsBoard"}

@@ -25,8 +25,8 @@ from fastapi.testclient import TestClient  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from ray import serve  # noqa: E402
 
-from server.ray_app import REPLICA_HEADER, application  # noqa: E402
-from server.ray_metrics import merge_texts  # noqa: E402
+from hotlora.server.ray_app import REPLICA_HEADER, application  # noqa: E402
+from hotlora.server.ray_metrics import merge_texts  # noqa: E402
 from tests.server.support import (  # noqa: E402
     DEMO,
     DEMO_NAMES,

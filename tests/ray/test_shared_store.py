@@ -7,9 +7,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from adapters.store import AdapterStore
-from server.namespaces import resolve
-from server.tenants import Principal
+from hotlora.adapters.store import AdapterStore
+from hotlora.server.namespaces import resolve
+from hotlora.server.tenants import Principal
 from tests.adapters.conftest import BASE
 from tests.adapters.test_store import MAX_RANK, blobs
 

@@ -22,11 +22,11 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
-from server.config import Settings
-from server.engine import Engine
-from server.main import create_app
-from server.state import AppState
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
+from hotlora.server.config import Settings
+from hotlora.server.engine import Engine
+from hotlora.server.main import create_app
+from hotlora.server.state import AppState
 
 DEMO = "hotlora-demo"
 DEMO_NAMES = ("pirate", "reverse", "sort", "upper", "upper-deu")

@@ -10,7 +10,7 @@ from typing import Any
 
 from fastapi.testclient import TestClient
 
-from server.tenants import key_digest
+from hotlora.server.tenants import key_digest
 from tests.server.support import bearer, make_settings, serve
 
 KEYS = {"acme": "sk-acme-7f3e9a", "bob": "sk-bob-21c44d", "ops": "sk-ops-admin-9bb0"}

@@ -23,10 +23,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import StreamingResponse
 from fastapi.testclient import TestClient
 
-from server.access_log import audit, install_request_middleware
-from server.errors import APIError, error_body, install_error_handlers
-from server.lifecycle import Lifecycle
-from server.request_record import RequestRecord, record_of
+from hotlora.server.access_log import audit, install_request_middleware
+from hotlora.server.errors import APIError, error_body, install_error_handlers
+from hotlora.server.lifecycle import Lifecycle
+from hotlora.server.request_record import RequestRecord, record_of
 from tests.server.support import (
     DEMO,
     LiveServer,
@@ -47,8 +47,8 @@ WRONG_KEY = "bad-Mf5Gc2Vb8Tn0"
 MARKER = "qzvkjx"  # a prompt no log line may repeat (the base model copies it into its answer)
 LIMIT = 4096  # max_body_bytes of the apps below
 FIELDS = {
-    "timestamp", "request_id", "method", "path", "status", "latency_ms", "principal", "tenant",
-    "model", "adapter", "prompt_tokens", "completion_tokens", "client", "completed",
+    "log", "timestamp", "request_id", "method", "path", "status", "latency_ms", "principal",
+    "tenant", "model", "adapter", "prompt_tokens", "completion_tokens", "client", "completed",
 }  # fmt: skip
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -92,6 +92,7 @@ def test_completion_line_has_every_field(
     assert r.headers["x-request-id"] == "client-id_1.2:3"
     line = line_for(access, "client-id_1.2:3")
     assert set(line) == FIELDS
+    assert line["log"] == "access"  # access and audit lines share a stream: the kind routes
     usage = r.json()["usage"]
     assert line["method"] == "POST" and line["path"] == "/v1/completions"  # no query string
     assert line["status"] == 200 and line["completed"] is True
@@ -169,9 +170,10 @@ def test_audit_writes_one_line(caplog: pytest.LogCaptureFixture) -> None:
     assert len(lines) == 1
     line = lines[0]
     assert set(line) == {
-        "timestamp", "request_id", "principal", "tenant", "action", "name", "version", "sha256",
-        "outcome",
+        "log", "timestamp", "request_id", "principal", "tenant", "action", "name", "version",
+        "sha256", "outcome",
     }  # fmt: skip
+    assert line["log"] == "audit"
     assert line["request_id"] == "rid-1" and line["principal"] == "admin"
     assert (line["tenant"], line["action"], line["name"]) == ("acme", "upload", "acme/tuned")
     assert (line["version"], line["sha256"], line["outcome"]) == (3, "ab" * 32, "ok")

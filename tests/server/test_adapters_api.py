@@ -22,9 +22,9 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import save as save_safetensors
 
-from adapters.demo_tasks import DEMO_ADAPTERS
-from adapters.format import BaseShapes
-from server.config import Settings
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS
+from hotlora.adapters.format import BaseShapes
+from hotlora.server.config import Settings
 from tests.server.support import (
     DEMO,
     DEMO_NAMES,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.demo_tasks import prompt_for
+from hotlora.adapters.demo_tasks import prompt_for
 from tests.server.support import (
     DEMO,
     DEMO_NAMES,

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.demo_tasks import DEMO_ADAPTERS
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS
 from tests.server.support import (
     DEMO,
     EXPECTED,

@@ -13,8 +13,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from adapters.demo_tasks import prompt_for
-from server.engine.chat_template import ChatTemplate
+from hotlora.adapters.demo_tasks import prompt_for
+from hotlora.server.engine.chat_template import ChatTemplate
 from tests.engine.test_chat_template import CHATML, LLAMA3
 from tests.server.support import DEMO, EXPECTED, assert_error, complete, make_settings, serve
 from tests.tokenizer_builders import write_bytelevel_tokenizer

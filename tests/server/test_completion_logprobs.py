@@ -11,7 +11,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from adapters.demo_tasks import DEMO_MODEL, demo_adapters, prompt_for
+from hotlora.adapters.demo_tasks import DEMO_MODEL, demo_adapters, prompt_for
 from tests.server.support import (
     DEMO,
     EXPECTED,

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from adapters.cache import ByteLRU
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
-from server.engine import Engine, EngineConfig, SamplingParams
-from server.engine.core import EngineCore, LoopConfig
-from server.metrics import CoreMetrics
+import pytest
+
+from hotlora.adapters.cache import ByteLRU
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.server.engine.core import Ask, EngineCore, LoopConfig, Query, Reply
+from hotlora.server.metrics import CoreMetrics
 
 
 def test_merge_policy_skips_a_retired_version_that_still_has_rows() -> None:
@@ -35,7 +37,7 @@ def test_merge_policy_skips_a_retired_version_that_still_has_rows() -> None:
 
 def _admission_order(tenants: list[str | None]) -> list[str]:
     """Queue one request per entry (ids t<i>), two rows free; the order they are admitted."""
-    from server.engine.core import AddRequest
+    from hotlora.server.engine.core import AddRequest
 
     engine = Engine.from_pretrained(DEMO_MODEL, EngineConfig(max_batch=2))
     loop = EngineCore(engine, ByteLRU(1 << 30), LoopConfig(False, 0.5, 2), CoreMetrics(2))
@@ -70,7 +72,7 @@ def test_admission_takes_tenants_in_turn() -> None:
 def test_requests_wait_in_the_core_until_a_row_is_free() -> None:
     """Only as many requests enter the engine as it has free rows: the rest stay pending in
     the core, where fair admission can still reorder them."""
-    from server.engine.core import AddRequest
+    from hotlora.server.engine.core import AddRequest
 
     engine = Engine.from_pretrained(DEMO_MODEL, EngineConfig(max_batch=2))
     loop = EngineCore(engine, ByteLRU(1 << 30), LoopConfig(False, 0.5, 2), CoreMetrics(2))
@@ -85,7 +87,7 @@ def test_a_flooding_tenant_leaves_rows_for_the_others() -> None:
     """With two tenants active, one above its fair share leaves free one row more than the
     other lately held at once: the other's requests, arriving later, start at once instead of
     waiting for a row to finish."""
-    from server.engine.core import AddRequest
+    from hotlora.server.engine.core import AddRequest
 
     engine = Engine.from_pretrained(DEMO_MODEL, EngineConfig(max_batch=8))
     loop = EngineCore(engine, ByteLRU(1 << 30), LoopConfig(False, 0.5, 2), CoreMetrics(2))
@@ -107,3 +109,20 @@ def test_a_flooding_tenant_leaves_rows_for_the_others() -> None:
     loop.handle(AddRequest("b2", ids, None, short, "b"))
     loop.tick()
     assert {"b1", "b2"} <= set(loop.rows.live)  # both found a free row
+
+
+def test_queries_are_typed_and_unknown_messages_are_errors() -> None:
+    engine = Engine.from_pretrained(DEMO_MODEL, EngineConfig(max_batch=2, max_adapters=1))
+    loop = EngineCore(engine, ByteLRU(1 << 30), LoopConfig(False, 0.5, 2), CoreMetrics(1))
+    loop.handle(Query(1, Ask.BARRIER))
+    loop.handle(Query(2, Ask.RESIDENT))
+    loop.handle(Query(3, Ask.METRICS))
+    barrier, resident, metrics = loop._out
+    assert barrier == Reply(1, True) and resident == Reply(2, [])
+    assert isinstance(metrics.value, bytes) and b"hotlora_" in metrics.value
+    # A string where an Ask belongs (the old protocol) and a message of unknown type both
+    # fail loudly instead of being answered "yes".
+    with pytest.raises(TypeError, match="unknown engine query"):
+        loop.handle(Query(4, "ready"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="unknown engine command"):
+        loop.handle("metrics")  # type: ignore[arg-type]

@@ -12,9 +12,9 @@ import pytest
 from fastapi.testclient import TestClient
 from safetensors.torch import load, save
 
-from adapters.demo_tasks import DEMO_MODEL
-from adapters.format import CONFIG_NAME, WEIGHTS_NAME, BaseShapes
-from server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.adapters.demo_tasks import DEMO_MODEL
+from hotlora.adapters.format import CONFIG_NAME, WEIGHTS_NAME, BaseShapes
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
 from tests.helpers import random_deu, save_deu
 from tests.server.support import (
     PROMPT,

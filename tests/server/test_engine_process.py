@@ -13,12 +13,12 @@ import httpx
 import pytest
 import torch
 
-from adapters.demo_tasks import DEMO_MODEL, build_tokenizer, prompt_for
-from server.engine import EngineConfig, ModelLoadError
-from server.engine.client import EngineClient
-from server.engine.core import CoreConfig, LoopConfig
-from server.engine.inputs import InputProcessor
-from server.metrics import Metrics
+from hotlora.adapters.demo_tasks import DEMO_MODEL, build_tokenizer, prompt_for
+from hotlora.server.engine import EngineConfig, ModelLoadError
+from hotlora.server.engine.client import EngineClient
+from hotlora.server.engine.core import CoreConfig, LoopConfig
+from hotlora.server.engine.inputs import InputProcessor
+from hotlora.server.metrics import Metrics
 from tests.server.support import (
     LiveServer,
     free_port,

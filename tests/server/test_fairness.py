@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.fairness import RECENT_S, TenantRows
+from hotlora.server.engine.fairness import RECENT_S, TenantRows
 
 
 @dataclass

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL
-from adapters.format import BaseShapes
-from adapters.store import AdapterStore
-from server.schemas import AdapterList, ModelList
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL
+from hotlora.adapters.format import BaseShapes
+from hotlora.adapters.store import AdapterStore
+from hotlora.server.schemas import AdapterList, ModelList
 from tests.server.support import DEMO, assert_error, demo_files, make_settings, serve, upload
 
 NAMES = sorted(f"p{i:02d}" for i in range(23)) + ["A-upper", "zz"]  # "A" sorts before "p"
@@ -144,7 +144,7 @@ def test_listing_schema_is_documented(client: TestClient) -> None:
 def test_fast_rendering_matches_the_pydantic_models(client: TestClient) -> None:
     """The listings are rendered as text; each item must be exactly what the schema (and the
     pydantic-rendered detail endpoint) says."""
-    from server.schemas import AdapterInfo, ModelCard
+    from hotlora.server.schemas import AdapterInfo, ModelCard
 
     for item in client.get("/v1/adapters").json()["data"]:
         assert AdapterInfo(**item).model_dump() == item

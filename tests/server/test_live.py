@@ -11,9 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
-from server.config import Settings
-from server.engine import Engine, EngineConfig, SamplingParams
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL, prompt_for
+from hotlora.server.config import Settings
+from hotlora.server.engine import Engine, EngineConfig, SamplingParams
 from tests.server.support import LiveServer, free_port, slow_steps
 
 openai = pytest.importorskip("openai")

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters.format import CONFIG_NAME, WEIGHTS_NAME
-from server.engine.tokenizer import load_tokenizer
+from hotlora.adapters.format import CONFIG_NAME, WEIGHTS_NAME
+from hotlora.server.engine.tokenizer import load_tokenizer
 from tests.helpers import make_hf_llama, make_peft_adapter, random_prompts
 from tests.server.support import make_settings, serve, upload
 

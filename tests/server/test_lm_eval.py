@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 import torch
 
-from adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL
-from server.engine import Engine, EngineConfig
-from training.eval_tasks import EVAL_TASKS, TASK_DIR
-from training.eval_tasks.hotlora_data import read_items
-from training.evaluate import TaskScore, encode_pair, eos_strings, evaluate, loglikelihoods
-from training.make_eval_tasks import stale
+from hotlora.adapters.demo_tasks import DEMO_ADAPTERS, DEMO_MODEL
+from hotlora.server.engine import Engine, EngineConfig
+from hotlora.training.eval_tasks import EVAL_TASKS, TASK_DIR
+from hotlora.training.eval_tasks.hotlora_data import read_items
+from hotlora.training.evaluate import TaskScore, encode_pair, eos_strings, evaluate, loglikelihoods
+from hotlora.training.make_eval_tasks import stale
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
@@ -104,7 +104,7 @@ def _samples(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
 
 
 def test_task_files_are_generated() -> None:
-    """The shipped yaml/jsonl are what `python -m training.make_eval_tasks` writes."""
+    """The shipped yaml/jsonl are what `python -m hotlora.training.make_eval_tasks` writes."""
     assert stale() == []
     items = read_items(EVAL_TASKS[MC].data_path)
     assert len(items) == 40 and len({it["word"] for it in items}) == 40

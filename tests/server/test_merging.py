@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters.demo_tasks import prompt_for
+from hotlora.adapters.demo_tasks import prompt_for
 from tests.server.support import (
     DEMO,
     greedy_text,

@@ -21,8 +21,8 @@ from typing import Any
 import httpx
 import pytest
 
-from server.openapi import OPERATIONS
-from server.schemas import ADAPTER_NAME_PATTERN
+from hotlora.server.openapi import OPERATIONS
+from hotlora.server.schemas import ADAPTER_NAME_PATTERN
 from tests.server.support import (
     DEMO,
     DEMO_NAMES,

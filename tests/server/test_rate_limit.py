@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.rate_limit import RateLimited, RateLimiter, TooLarge
-from server.tenants import Principal, TenantLimits
+from hotlora.server.rate_limit import RateLimited, RateLimiter, TooLarge
+from hotlora.server.tenants import Principal, TenantLimits
 
 
 class Clock:

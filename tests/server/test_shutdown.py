@@ -24,8 +24,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from server.lifecycle import Lifecycle, lifecycle_of
-from server.openai_schemas import MAX_N
+from hotlora.server.lifecycle import Lifecycle, lifecycle_of
+from hotlora.server.openai_schemas import MAX_N
 from tests.server.support import (
     DEMO,
     assert_error,
@@ -67,7 +67,7 @@ def hotlora_serve(tmp_path: Path, **env: str) -> Iterator[Served]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("HOTLORA_")}
     environ = {**clean, "HOTLORA_ADMIN_KEY": ADMIN_KEY, "HOTLORA_API_KEYS": API_KEY, **env}
     log = tmp_path / "stderr.txt"
-    cmd = [sys.executable, "-m", "server", "serve", "--port", str(port),
+    cmd = [sys.executable, "-m", "hotlora.server", "serve", "--port", str(port),
            "--adapter-store", str(tmp_path / "store")]  # fmt: skip
     with log.open("wb") as err:
         proc = subprocess.Popen(cmd, cwd=REPO, env=environ, stdout=subprocess.DEVNULL, stderr=err)

@@ -165,7 +165,7 @@ def test_sighup_reloads_the_tenants_file(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "HOTLORA_TENANTS_FILE": str(path), "HOTLORA_ENGINE_PROCESS": "false"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server", "serve", "--port", str(port),
+        [sys.executable, "-m", "hotlora.server", "serve", "--port", str(port),
          "--adapter-store", str(tmp_path / "store")],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
@@ -173,7 +173,7 @@ def test_sighup_reloads_the_tenants_file(tmp_path: Path) -> None:
         url = f"http://127.0.0.1:{port}"
         _until(lambda: _get(url, "/ready") == 200, timeout=60)
         assert _get(url, "/v1/models", old) == 200
-        from server.tenants import key_digest
+        from hotlora.server.tenants import key_digest
 
         path.write_text(text.replace(key_digest(old), key_digest(new)))
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from server.engine.tokenizer import load_tokenizer
+from hotlora.server.engine.tokenizer import load_tokenizer
 from tests.helpers import make_hf_llama
 from tests.server.support import DEMO, PROMPT, assert_error, make_settings, serve
 from tests.tokenizer_builders import write_metaspace_tokenizer

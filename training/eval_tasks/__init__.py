@@ -6,8 +6,9 @@ lm_eval imports `hotlora_data.py` from the yaml's own directory and `load` opens
 to itself, so the tasks work from any working directory (a relative `data_files` under
 `dataset_path: json` would be resolved against the working directory instead).
 
-`EVAL_TASKS` is the one source of truth: `python -m training.make_eval_tasks` writes the yaml
-and jsonl files from it, and `python -m training.evaluate` scores the same tasks offline.
+`EVAL_TASKS` is the one source of truth: `python -m hotlora.training.make_eval_tasks` writes the
+yaml and jsonl files from it, and `python -m hotlora.training.evaluate` scores the same tasks
+offline.
 """
 
 from __future__ import annotations

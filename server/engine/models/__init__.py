@@ -8,12 +8,18 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from server.engine.errors import ModelLoadError
-from server.engine.models.base import AdapterHook, AttnBatch, CausalLM, ModelSpec, Projection
-from server.engine.models.gpt2 import GPT2, GPT2Config, gpt2_key, gpt2_tensor
-from server.engine.models.llama import Llama, llama_key
-from server.engine.models.llama_config import MODEL_TYPES as LLAMA_TYPES
-from server.engine.models.llama_config import LlamaConfig
+from hotlora.server.engine.errors import ModelLoadError
+from hotlora.server.engine.models.base import (
+    AdapterHook,
+    AttnBatch,
+    CausalLM,
+    ModelSpec,
+    Projection,
+)
+from hotlora.server.engine.models.gpt2 import GPT2, GPT2Config, gpt2_key, gpt2_tensor
+from hotlora.server.engine.models.llama import Llama, llama_key
+from hotlora.server.engine.models.llama_config import MODEL_TYPES as LLAMA_TYPES
+from hotlora.server.engine.models.llama_config import LlamaConfig
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.layout import ModuleLayout
-from kernels.attention import decode_attention
-from server.engine.errors import ModelLoadError
+from hotlora.adapters.layout import ModuleLayout
+from hotlora.kernels.attention import decode_attention
+from hotlora.server.engine.errors import ModelLoadError
 
 
 class AdapterHook(Protocol):

@@ -18,9 +18,9 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adapters.layout import GPT2_LAYOUT, ModuleLayout, gpt2_dims
-from server.engine.errors import ModelLoadError
-from server.engine.models.base import (
+from hotlora.adapters.layout import GPT2_LAYOUT, ModuleLayout, gpt2_dims
+from hotlora.server.engine.errors import ModelLoadError
+from hotlora.server.engine.models.base import (
     AdapterHook,
     AttnBatch,
     Linear,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from server.engine.models.base import (
+from hotlora.server.engine.models.base import (
     AdapterHook,
     AttnBatch,
     Linear,
@@ -24,7 +24,7 @@ from server.engine.models.base import (
     fuse_linears,
     init_from_scratch,
 )
-from server.engine.models.llama_config import LlamaConfig
+from hotlora.server.engine.models.llama_config import LlamaConfig
 
 Q, K, V, OUT, GATE, UP, DOWN = range(7)  # indices into LLAMA_LAYOUT.targets
 

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adapters.layout import LLAMA_LAYOUT, ModuleLayout, llama_dims
-from server.engine.errors import ModelLoadError
-from server.engine.models.base import config_field
+from hotlora.adapters.layout import LLAMA_LAYOUT, ModuleLayout, llama_dims
+from hotlora.server.engine.errors import ModelLoadError
+from hotlora.server.engine.models.base import config_field
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ROPE_TYPES = ("default", "linear", "llama3")
