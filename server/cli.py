@@ -111,13 +111,18 @@ def _serve(args: argparse.Namespace) -> int:
         preflight.check_ray()
     preflight.check_usage(settings, set(flags))
     if settings.replicas is not None:
-        preflight.check_address(settings.host, settings.port)  # Ray Serve's proxy binds it
-        if settings.ray_address is None:  # else the model and store are the cluster's files
+        # Joining a cluster (--ray-address), the proxy, the model and the store are the
+        # cluster's, on its machines: nothing to check here.
+        if settings.ray_address is None:
+            preflight.check_address(settings.host, settings.port)  # Ray Serve's proxy binds it
             preflight.check_model(settings)
         _set_log_level(settings)
         from hotlora.server.ray_app import serve_forever
 
-        code = serve_forever(settings)
+        try:
+            code = serve_forever(settings)
+        except Exception as e:
+            code = report(e, bool(args.verbose))
         # Everything of the run is stopped: Ray's exit hooks would only shut it down again,
         # waiting on a cluster that is gone (seconds, then maybe its core worker's exit 1).
         logging.shutdown()
@@ -320,11 +325,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except Exception as e:
-        error = classify(e)
-        if verbose:
-            traceback.print_exception(e)
-        print(f"hotlora: error: {error if error is not None else unexpected(e)}", file=sys.stderr)
-        return error.exit_code if error is not None else EXIT_BUG
+        return report(e, verbose)
+
+
+def report(exc: Exception, verbose: bool) -> int:
+    """The one stderr line for `exc` (the traceback first with -v); returns its exit code."""
+    error = classify(exc)
+    if verbose:
+        traceback.print_exception(exc)
+    print(f"hotlora: error: {error if error is not None else unexpected(exc)}", file=sys.stderr)
+    return error.exit_code if error is not None else EXIT_BUG
 
 
 if __name__ == "__main__":

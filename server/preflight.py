@@ -95,7 +95,10 @@ def bind(host: str, port: int) -> list[socket.socket]:
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(address)
-            sock.set_inheritable(True)
+            # Listening now holds the port: two SO_REUSEADDR sockets may both bind one port
+            # while neither listens, and then another server could take it during the model
+            # load. (uvicorn listens again, with its own backlog.)
+            sock.listen(2048)
     except OSError as e:
         for sock in sockets:
             sock.close()

@@ -36,6 +36,7 @@ from pydantic import SecretStr
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from hotlora.server.cli_errors import LoadError, UsageError, one_line
 from hotlora.server.config import Settings
 from hotlora.server.ray_metrics import PUSH_INTERVAL_S, MetricsBoard
 
@@ -384,16 +385,29 @@ def serve_forever(settings: Settings) -> int:
     tree = ProcessTree()
     tree.watch()  # from before ray.init: every process the cluster starts is recorded
     own_cluster = False
+    handlers = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     signal.signal(signal.SIGTERM, stop)
     try:
-        ray.init(address=settings.ray_address, ignore_reinit_error=True)
+        try:
+            ray.init(address=settings.ray_address, ignore_reinit_error=True)
+        except ConnectionError as e:
+            raise UsageError(
+                f"cannot join the Ray cluster at {settings.ray_address!r} "
+                f"({one_line(str(e))}); check --ray-address / HOTLORA_RAY_ADDRESS"
+            ) from e
         tree.track()
         own_cluster = bool(tree.alive())  # joined a running cluster: none are this run's
         # ray.init puts its own SIGTERM handlers in place (the core worker's aborts the
         # process with a stack dump, before any cleanup): this one stops as SIGINT does.
         signal.signal(signal.SIGTERM, stop)
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(application(settings), name="hotlora", route_prefix="/")
+        try:
+            serve.run(application(settings), name="hotlora", route_prefix="/")
+        except Exception as e:  # a replica that cannot start: most often its model load
+            raise LoadError(
+                f"the replicas did not start ({one_line(str(e))[:300]}); rerun with -v and see "
+                "the replica logs"
+            ) from e
         log.warning(
             "hotlora: %d replicas on Ray Serve at http://%s:%d",
             settings.replicas or 1,
@@ -413,13 +427,19 @@ def serve_forever(settings: Settings) -> int:
         # run's processes is left is ended. Serve's own stop is for a cluster that stays up
         # (joined), where nothing else removes the application; one this run started goes
         # away whole, Serve's state with it (and Serve's stop of each replica takes seconds).
-        if own_cluster:
-            log.warning("hotlora: stopping the Ray cluster")
-        else:
-            log.warning("hotlora: removing the application from Ray Serve")
-            _bounded(serve.shutdown, 10.0)
-        _bounded(ray.shutdown, 3.0)
+        # Nothing of Serve's runs unless Ray is up: serve.* would start a cluster of its own.
+        if ray.is_initialized():
+            if own_cluster:
+                log.warning("hotlora: stopping the Ray cluster")
+            else:  # a shared cluster: remove this application only, not every Serve app
+                log.warning("hotlora: removing the application from Ray Serve")
+                _bounded(lambda: serve.delete("hotlora"), 10.0)
+            tree.track()  # workers started in the last second, too
+            _bounded(ray.shutdown, 3.0)
         tree.reap(grace_s=0.5)
+        for signum, handler in zip((signal.SIGTERM, signal.SIGINT), handlers, strict=True):
+            if handler is not None:  # None: set outside Python, nothing to put back
+                signal.signal(signum, handler)
 
 
 def _bounded(call: Callable[[], object], timeout_s: float) -> None:

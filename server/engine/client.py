@@ -37,6 +37,7 @@ from hotlora.server.engine.core import (
     ThreadTransport,
     run_core_process,
 )
+from hotlora.server.engine.errors import ModelLoadError
 from hotlora.server.engine.inputs import InputProcessor
 from hotlora.server.engine.outputs import StepOutput
 from hotlora.server.engine.sampling import SamplingParams
@@ -129,12 +130,18 @@ class EngineClient:
         self._commands = cmd_send
         if not out_recv.poll(_START_TIMEOUT_S):
             self._process.kill()
-            raise RuntimeError(f"the engine process did not start in {_START_TIMEOUT_S:.0f} s")
+            raise ModelLoadError(
+                f"the engine process did not load the model in {_START_TIMEOUT_S:.0f} s; check "
+                "that the machine has the memory and CPU the model needs"
+            )
         try:
             first = out_recv.recv()
         except EOFError as e:
-            raise RuntimeError(
-                f"the engine process exited while starting (code {self._process.exitcode})"
+            self._process.join(timeout=10)
+            raise ModelLoadError(
+                "the engine process exited while loading the model (exit code "
+                f"{self._process.exitcode}, -9: killed, often for memory); check that the "
+                "machine has the memory the model needs"
             ) from e
         status = first[0].value
         if isinstance(status, BaseException):

@@ -271,7 +271,8 @@ class Detokenizer:
     always has text. A ByteFallback decoder decodes a whole run of byte pieces at once, and one
     more byte that makes the run invalid UTF-8 turns *every* byte of it into U+FFFD, characters
     that were complete included: so a chunk never ends inside such a run (on a byte piece), and
-    the run's text is emitted once a non-byte token (or `final`) closes it.
+    the run's text is emitted once a non-byte token (or `final`) closes it, or as soon as it
+    holds a stop string.
     """
 
     def __init__(self, tokenizer: TextTokenizer | Tokenizer, stop: tuple[str, ...]) -> None:
@@ -306,8 +307,13 @@ class Detokenizer:
         if self._read < len(self._ids):
             head = tok.decode(self._ids[self._prefix : self._read])
             tail = tok.decode(self._ids[self._prefix :])[len(head) :]
-            closed = self._ids[-1] not in tok.byte_ids  # a byte run may still turn invalid
-            if final or (closed and not tail.endswith(_FFFD)):
+            complete = not tail.endswith(_FFFD)
+            # An open byte run may still turn invalid, so its text waits for the run to close,
+            # unless it holds a stop string (a newline is a byte piece in SentencePiece
+            # vocabularies): then generation ends here and the run cannot change.
+            closed = self._ids[-1] not in tok.byte_ids
+            stops = check_stop and any(s in text + tail for s in self.stop)
+            if final or (complete and (closed or stops)):
                 text += tail
                 self._prefix, self._read = self._read, len(self._ids)
         # A stop string cannot begin before `text`: every possible beginning was held back.

@@ -194,6 +194,7 @@ class DocServer:
         if "--port" in argv:  # the page's port becomes the free one
             j = argv.index("--port")
             del argv[j : j + 2]
+        argv = [a for a in argv if not a.startswith("--port=")]
         if "--adapter-store" not in argv:
             argv += ["--adapter-store", str(Path(tempfile.mkdtemp(dir=workdir)) / "store")]
         env = clean_env()
@@ -210,7 +211,11 @@ class DocServer:
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: stop() ends the engine process too
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:  # never leave a server behind the failing test
+            self.stop()
+            raise
 
     def _wait_ready(self, timeout: float = 180.0) -> None:
         deadline = time.monotonic() + timeout

@@ -400,3 +400,22 @@ def test_split_special_tokens_encodes_their_text(tmp_path: Path) -> None:
     tok, text = load_tokenizer(tmp_path), "hi<|eot_id|>"
     assert tok.encode(text) == _auto(tmp_path)(text)["input_ids"]
     assert tok.token_to_id("<|eot_id|>") not in tok.encode(text)
+
+
+@pytest.mark.parametrize("style", ["llama2", "mistral"])
+def test_a_stop_string_inside_an_open_byte_run_stops_at_once(
+    dirs: dict[str, Path], style: str
+) -> None:
+    # "\n" is the byte piece <0x0A> in these vocabularies: a newline never closes its run, yet
+    # stop=["\n"] must end the request on the newline, not at max_tokens.
+    tok = load_tokenizer(dirs[style])
+    newline = tok.token_to_id("<0x0A>")
+    assert newline is not None and newline in tok.byte_ids
+    ids = tok.encode("ab") + [newline, newline, newline]
+    d = Detokenizer(tok, stop=("\n",))
+    k = next(k for k in range(1, len(ids) + 1) if (d.update(ids[:k]), d.stopped)[1])
+    assert k == len(ids) - 2 and d.text == tok.decode(ids[: k - 1])
+    # below min_tokens (no stop check) the newline is text, held while its run is open
+    d = Detokenizer(tok, stop=("\n",))
+    out = "".join(d.update(ids[:k], check_stop=False) for k in range(1, len(ids) + 1))
+    assert not d.stopped and "\n" not in out
