@@ -33,7 +33,7 @@ from torch import Tensor
 from hotlora.adapters.errors import AdapterError
 from hotlora.adapters.format import BaseShapes, Entry, read_tensors
 from hotlora.adapters.layout import GPT2_LAYOUT, ModuleLayout
-from hotlora.kernels.deu import PARAMS
+from hotlora.kernels.deu_params import PARAMS
 
 DEU_TYPE = "DEU"
 _FIELDS = frozenset(

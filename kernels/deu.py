@@ -38,38 +38,12 @@ from hotlora.kernels.deu_params import (
     CLIP,
     GAMMA_MAX,
     GAMMA_MIN,
-    N_PLANES,
     OUT_MAX,
     PARAM_MAX,
-    PARAMS,
-    PLANES,
     R_MIN,
     S_SERIES_RT,
 )
 from hotlora.kernels.slot_meta import SlotMeta
-
-# The unit's constants live in kernels/deu_params.py (shared with the Triton kernel, the
-# reference and the checks); re-exported here, where the adapters and the engine import them.
-__all__ = [
-    "A_MAX",
-    "A_MIN",
-    "BETA_MAX",
-    "CLIP",
-    "GAMMA_MAX",
-    "GAMMA_MIN",
-    "N_PLANES",
-    "OUT_MAX",
-    "PARAMS",
-    "PARAM_MAX",
-    "PLANES",
-    "R_MIN",
-    "S_SERIES_RT",
-    "deu_activation",
-    "deu_apply",
-    "deu_eval",
-    "deu_planes",
-    "deu_unit",
-]
 
 # Gathering every token's planes costs N_PLANES copies of the activations; per-run broadcasting
 # costs ~15 ops per run. Gather when runs are short (decode), broadcast when long (prefill).

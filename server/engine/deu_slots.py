@@ -6,7 +6,8 @@ import torch
 from torch import Tensor
 
 from hotlora.adapters.deu_format import DEUAdapter
-from hotlora.kernels.deu import N_PLANES, deu_planes
+from hotlora.kernels.deu import deu_planes
+from hotlora.kernels.deu_params import N_PLANES
 from hotlora.server.engine.models import ModelSpec
 
 

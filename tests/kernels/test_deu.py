@@ -23,8 +23,8 @@ from hotlora.kernels import (
     deu_unit,
     deu_unit_reference,
 )
-from hotlora.kernels.deu import (
-    _GATHER_MAX_TOKENS_PER_RUN,
+from hotlora.kernels.deu import _GATHER_MAX_TOKENS_PER_RUN, _apply_gathered, _apply_runs
+from hotlora.kernels.deu_params import (
     A_MAX,
     A_MIN,
     BETA_MAX,
@@ -34,8 +34,6 @@ from hotlora.kernels.deu import (
     N_PLANES,
     OUT_MAX,
     PARAM_MAX,
-    _apply_gathered,
-    _apply_runs,
 )
 from hotlora.kernels.slot_meta import SlotMeta
 from tests.kernels.lora_cases import PATTERNS, make_slots

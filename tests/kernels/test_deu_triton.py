@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from hotlora.kernels import build_slot_meta, deu_apply
-from hotlora.kernels.deu import N_PLANES
+from hotlora.kernels.deu_params import N_PLANES
 from hotlora.kernels.triton_deu import deu_add
 from tests.kernels.test_deu import (
     assert_op_close,
